@@ -54,10 +54,16 @@ class LayerScores:
     scores: torch.Tensor  # [Hkv, L] fp32, the method's importance
     forced: torch.Tensor  # [Hkv, L] bool, tokens that must stay (window, sinks, stage 1)
     extra: dict = field(default_factory=dict)
+    protected: torch.Tensor | None = None  # subset of `forced` that outranks the rest (window, sinks)
 
     @property
     def key(self) -> torch.Tensor:
-        return ranking_key(self.scores, self.forced)
+        key = ranking_key(self.scores, self.forced)
+        if self.protected is not None:
+            # forced-but-unprotected tokens (stage 1) rank just below the window and sinks, so a
+            # tight layer budget (Layer-DefensiveKV) never drops the window for them
+            key = key.masked_fill(self.forced & ~self.protected, torch.finfo(torch.float32).max)
+        return key
 
 
 class EvictionMethod:
@@ -227,9 +233,10 @@ class DefensiveKV(EvictionMethod):
         counts = mass_prefix_counts(stats.unpooled_mean, c.mass_threshold - stats.window_bias, cap)
         stage1 = select_by_counts(stats.unpooled_mean, counts)
         score = score.masked_fill(stage1, float(top))
-        forced = self.protected(hkv, n, inp.keys.device)
+        protected = self.protected(hkv, n, inp.keys.device)
+        forced = protected.clone()
         forced[:, :p] |= stage1
-        return LayerScores(self._pad_window(score, n), forced, {"stats": stats, "stage1": counts})
+        return LayerScores(self._pad_window(score, n), forced, {"stats": stats, "stage1": counts}, protected)
 
     def head_counts(self, scored, per_head):
         if self.config.alpha > 0:

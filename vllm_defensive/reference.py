@@ -85,51 +85,77 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     return model, tok
 
 
+@dataclass
+class Prefill:
+    """One full-attention prefill: its KV cache, first greedy token and captured layer inputs."""
+
+    input_ids: list[int]
+    cache: object
+    first_token: int
+    layers: list[LayerInputs]
+    context_len: int
+
+
 @torch.no_grad()
-def keep_sets(model, input_ids: list[int], config: EvictionConfig, uniform: bool = True) -> list[torch.Tensor]:
-    """Per-layer keep masks [Hkv, prompt_len]; the protected suffix is always kept.
+def prefill(model, input_ids: list[int], context_len: int | None = None, window: int = 32) -> Prefill:
+    """Prefill with full attention, capturing each layer's window queries and context K/V."""
+    from transformers import DynamicCache
+
+    ctx = len(input_ids) if context_len is None else context_len
+    _HOOKS.capture_ctx, _HOOKS.window, _HOOKS.captured, _HOOKS.keep = ctx, window, {}, None
+    try:
+        cache = DynamicCache()
+        out = model(torch.tensor([input_ids]), past_key_values=cache, use_cache=True)
+        layers = [_HOOKS.captured[i] for i in sorted(_HOOKS.captured)]
+    finally:
+        _HOOKS.capture_ctx, _HOOKS.captured = None, {}
+    return Prefill(list(input_ids), cache, int(out.logits[0, -1].argmax()), layers, ctx)
+
+
+def keep_sets_from(pre: Prefill, config: EvictionConfig, uniform: bool = True) -> list[torch.Tensor]:
+    """Per-layer keep masks [Hkv, prompt_len] from a captured prefill; the suffix is always kept.
 
     uniform=True gives every KV head the same count (what the plugin serves on stock attention);
     False uses the method's own head/layer allocation.
     """
-    n_prompt = len(input_ids)
+    n_prompt = len(pre.input_ids)
     config.check_prompt(n_prompt)
     ctx = config.context_len(n_prompt)
-    _HOOKS.capture_ctx, _HOOKS.window, _HOOKS.captured, _HOOKS.keep = ctx, config.window, {}, None
-    try:
-        model(torch.tensor([input_ids]), use_cache=False)
-        layers = [_HOOKS.captured[i] for i in sorted(_HOOKS.captured)]
-    finally:
-        _HOOKS.capture_ctx, _HOOKS.captured = None, {}
+    if ctx != pre.context_len or config.window != pre.layers[0].queries.shape[1]:
+        raise ValueError("prefill was captured with another context length or window")
     method = get_method(config)
     if uniform:
         masks = []
-        for x in layers:
+        for x in pre.layers:
             idx = method.compress_uniform(x)
             m = torch.zeros(x.num_kv_heads, ctx, dtype=torch.bool)
             m.scatter_(1, idx.cpu(), True)
             masks.append(m)
     else:
-        masks = [m.cpu() for m in method.compress(layers)]
+        masks = [m.cpu() for m in method.compress(pre.layers)]
     suffix = torch.ones(masks[0].shape[0], n_prompt - ctx, dtype=torch.bool)
     return [torch.cat([m, suffix], dim=1) for m in masks]
 
 
-@torch.no_grad()
-def greedy(model, input_ids: list[int], max_new_tokens: int, keep: list[torch.Tensor] | None = None,
-           eos_token_id: int | None = None) -> list[int]:
-    """Greedy decode. Prefill attends to everything (eviction happens after prefill, as in the
-    plugin); every decode step sees only the kept prompt entries plus all generated tokens."""
-    from transformers import DynamicCache
+def keep_sets(model, input_ids: list[int], config: EvictionConfig, uniform: bool = True) -> list[torch.Tensor]:
+    config.check_prompt(len(input_ids))
+    pre = prefill(model, input_ids, config.context_len(len(input_ids)), config.window)
+    return keep_sets_from(pre, config, uniform)
 
-    _HOOKS.keep = None
-    cache = DynamicCache()
-    out = model(torch.tensor([input_ids]), past_key_values=cache, use_cache=True)
-    nxt = int(out.logits[0, -1].argmax())
+
+@torch.no_grad()
+def decode(model, pre: Prefill, max_new_tokens: int, keep: list[torch.Tensor] | None = None,
+           eos_token_id: int | None = None) -> list[int]:
+    """Greedy decode after a prefill (its cache is copied, so one prefill serves many keep sets).
+    Every decode step sees only the kept prompt entries plus all generated tokens."""
+    import copy
+
+    cache = copy.deepcopy(pre.cache)
+    nxt = pre.first_token
     generated = [nxt]
     _HOOKS.keep = keep
     try:
-        pos = len(input_ids)
+        pos = len(pre.input_ids)
         while len(generated) < max_new_tokens and nxt != eos_token_id:
             out = model(torch.tensor([[nxt]]), past_key_values=cache, use_cache=True,
                         position_ids=torch.tensor([[pos]]))
@@ -139,3 +165,10 @@ def greedy(model, input_ids: list[int], max_new_tokens: int, keep: list[torch.Te
     finally:
         _HOOKS.keep = None
     return generated
+
+
+def greedy(model, input_ids: list[int], max_new_tokens: int, keep: list[torch.Tensor] | None = None,
+           eos_token_id: int | None = None) -> list[int]:
+    """Greedy decode. Prefill attends to everything (eviction happens after prefill, as in the
+    plugin); every decode step sees only the kept prompt entries plus all generated tokens."""
+    return decode(model, prefill(model, input_ids, window=1), max_new_tokens, keep, eos_token_id)

@@ -1,0 +1,152 @@
+"""Serving benchmark: plain vLLM against the plugin at several budgets, same KV cache size.
+
+Runs on the GPU machine (../../../shared/gpu/README.md). For each model: one plain vLLM server
+(VLLM_PLUGINS=none: the plugin is not even loaded), then one plugin server whose budgets travel as
+per-request overrides (so one start serves budgets 1.0 / 0.5 / 0.2 / 0.1). The KV cache is held to
+the same byte size for both (`--kv-cache-memory-bytes`) so that it is the bottleneck.
+
+    python benchmarks/serving/run.py --model-dir $GPU_MODEL_DIR --name qwen05b --kv-bytes 640M \
+        --workloads 8k-256:burst:48 8k-256:poisson:48@4 32k-128:burst:12 --out $OUT/qwen05b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from load import run_load, summarize  # noqa: E402
+
+WORKLOADS = {"8k-256": (8192, 256), "32k-128": (32000, 128), "2k-64": (2048, 64)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir, name, port, kv_bytes, max_len, plugin: bool, extra, log_path):
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir, "--served-model-name", name,
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_len),
+           "--kv-cache-memory-bytes", str(kv_bytes), "--max-num-seqs", "256"] + extra
+    if plugin:
+        cmd += ["--kv-eviction", "defensive", "--kv-budget", "1.0"]
+    else:
+        env["VLLM_PLUGINS"] = "none"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.time()
+    while time.time() - t0 < 600:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}); see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return proc, cmd, time.time() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError("server did not start in 600 s")
+
+
+def stop_server(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    except Exception:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def parse_workload(spec: str):
+    # "8k-256:burst:48" or "8k-256:poisson:48@4"
+    name, arrival, count = spec.split(":")
+    rate = None
+    if "@" in count:
+        count, r = count.split("@")
+        rate = float(r)
+    return name, arrival, int(count), rate
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("vllm", "vllm-defensive", "triton", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:
+            pass
+    return out
+
+
+def device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"cpu ({platform.machine()})"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--kv-bytes", required=True)
+    ap.add_argument("--max-model-len", type=int, default=33024)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1])
+    ap.add_argument("--workloads", nargs="+", default=["8k-256:burst:48"])
+    ap.add_argument("--extra", default="", help="extra vllm serve flags, e.g. '--load-format dummy'")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"device": device(), "versions": versions(), "model": args.name, "kv_cache_bytes": args.kv_bytes,
+           "command": " ".join(sys.argv), "servers": [], "runs": []}
+
+    def save():
+        out.write_text(json.dumps(doc, indent=1))
+
+    for plugin in (False, True):
+        port = free_port()
+        log_path = out.with_suffix(f".{'plugin' if plugin else 'plain'}.log")
+        proc, cmd, start_s = start_server(args.model_dir, args.name, port, args.kv_bytes, args.max_model_len,
+                                          plugin, args.extra.split(), log_path)
+        doc["servers"].append({"plugin": plugin, "command": " ".join(cmd), "start_s": round(start_s, 1)})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            asyncio.run(run_load(url, args.name, args.warmup, 512, 8, None, None))  # compile/warm paths
+            for spec in args.workloads:
+                wl, arrival, count, rate = parse_workload(spec)
+                prompt_len, max_tokens = WORKLOADS[wl]
+                budgets = args.budgets if plugin else [None]
+                for b in budgets:
+                    xargs = {"kv_eviction": "defensivekv", "kv_budget": b} if plugin else None
+                    print(f"[bench] {args.name} {wl} {arrival} plugin={plugin} budget={b}", flush=True)
+                    res = asyncio.run(run_load(url, args.name, count, prompt_len, max_tokens, rate, xargs))
+                    row = {"model": args.name, "workload": wl, "arrival": arrival, "rate": rate,
+                           "method": "defensivekv" if plugin else "plain", "budget": b, **summarize(*res)}
+                    doc["runs"].append(row)
+                    print(json.dumps({k: v for k, v in row.items() if k != "timeline"}), flush=True)
+                    save()
+        finally:
+            stop_server(proc)
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Turn run.py outputs into the summaries and plots under benchmarks/results/serving/.
+
+    python benchmarks/serving/report.py benchmarks/results/serving/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+OUT = Path(__file__).resolve().parents[1] / "results" / "serving"
+KEYS = ("model", "workload", "arrival", "method", "budget", "output_tok_s", "req_s", "mean_running",
+        "peak_running", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "peak_kv_usage",
+        "eviction_seconds_sum", "failed")
+
+
+def main(paths: list[str]) -> None:
+    docs = [json.loads(Path(p).read_text()) for p in paths if not Path(p).name.startswith(("summary", "concurrency"))]
+    docs = [d for d in docs if "runs" in d and "servers" in d]
+    runs = [{k: r.get(k) for k in KEYS} for d in docs for r in d["runs"]]
+    for r in runs:  # ratios against plain vLLM on the same model / workload / arrival
+        base = next((x for x in runs if x["method"] == "plain" and all(x[k] == r[k] for k in ("model", "workload", "arrival"))), None)
+        if base and base["output_tok_s"]:
+            r["throughput_vs_plain"] = round(r["output_tok_s"] / base["output_tok_s"], 3)
+            r["ttft_p50_vs_plain"] = round(r["ttft_p50_ms"] / base["ttft_p50_ms"], 3) if base["ttft_p50_ms"] else None
+    meta = {"device": docs[0]["device"], "versions": docs[0]["versions"],
+            "commands": [d["command"] for d in docs], "servers": [s for d in docs for s in d["servers"]]}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "summary.json").write_text(json.dumps({**meta, "runs": runs}, indent=1))
+    conc = [{"model": r["model"], "workload": r["workload"], "budget": r["budget"] if r["method"] != "plain" else None,
+             "peak_running": r["peak_running"], "output_tok_s": r["output_tok_s"]}
+            for r in runs if r["arrival"] == "burst"]
+    (OUT / "concurrency.json").write_text(json.dumps({**meta, "runs": conc}, indent=1))
+
+    groups = sorted({(r["model"], r["workload"], r["arrival"]) for r in runs})
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 7), squeeze=False)
+    for j, g in enumerate(groups):
+        rs = [r for r in runs if (r["model"], r["workload"], r["arrival"]) == g]
+        labels = ["plain" if r["method"] == "plain" else f"{r['budget']:g}" for r in rs]
+        for i, (key, ylabel) in enumerate((("output_tok_s", "output tok/s"), ("peak_running", "peak running requests"))):
+            ax = axes[i][j]
+            ax.bar(labels, [r[key] or 0 for r in rs], color=["gray"] + ["C0"] * (len(rs) - 1))
+            ax.set_ylabel(ylabel)
+            ax.set_xlabel("budget (plugin) / plain vLLM")
+            if i == 0:
+                ax.set_title(" ".join(g))
+    fig.suptitle(f"Serving: DefensiveKV plugin vs plain vLLM, same KV cache ({meta['device']})")
+    fig.tight_layout()
+    fig.savefig(OUT / "throughput_concurrency.png", dpi=110)
+    print(json.dumps(runs, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

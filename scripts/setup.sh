@@ -50,3 +50,18 @@ fi
 for m in $MODELS; do
   HF_HUB_OFFLINE=1 "$VENV/bin/python" -m vllm_defensive.models ensure "$m"
 done
+
+# Prometheus: tests/observability scrape a real CPU server with Debian's `prometheus` package.
+# Installed once (skipped when `prometheus` is already on PATH); outside the stamp on purpose.
+if command -v prometheus >/dev/null 2>&1; then
+  :
+elif command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing Debian's prometheus package"
+  SUDO=""; if [[ "$(id -u)" -ne 0 ]] && command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+  apt_prom() { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+  # Container images often ship without package lists: refresh them only when the install needs it.
+  apt_prom || { $SUDO apt-get update -qq >/dev/null && apt_prom; } \
+    || echo "[setup] WARNING: could not install prometheus; tests/observability/test_e2e_server.py needs it" >&2
+else
+  echo "[setup] apt-get not available: install Prometheus (>= 2.x) yourself to run tests/observability end to end"
+fi

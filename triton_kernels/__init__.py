@@ -1,1 +1,156 @@
-"""Fast paths (Triton on GPU, PyTorch fallback elsewhere); installs as vllm_defensive.triton_kernels."""
+"""Fast paths for DefensiveKV scoring and compaction over vLLM's paged KV cache.
+
+Installs as ``vllm_defensive.triton_kernels`` (never import it as top-level ``triton_kernels``:
+vLLM imports OpenAI's package of that name). Triton kernels on CUDA; the same functions fall back
+to pure PyTorch (gather from the pages, then the policy library) where Triton or CUDA is missing,
+e.g. on the CPU build of vLLM. See ``backend()``.
+
+Cache layout (vLLM 0.24.0, FlashAttention backend): one layer's cache is
+``(num_blocks, 2, block_size, num_kv_heads, head_size)``; pass its K and V halves
+(``split_kv_cache``), i.e. ``[num_blocks, block_size, num_kv_heads, head_size]`` views with any
+strides (the HND stride order included). A request's ``block_table`` is a 1-D int32/int64 tensor
+of (not necessarily contiguous) block ids; token t lives in block ``block_table[t // block_size]``
+at offset ``t % block_size``.
+
+Public API
+  backend(device=None) -> "triton" | "torch"
+  paged_window_stats(queries, key_cache, block_table, seq_len, ...) -> policy WindowStats
+  window_stats(queries, keys, ...)                 dense [Hkv, L, d] keys, same kernels
+  paged_value_norms(value_cache, block_table, num_tokens, o_proj_weight) -> fp32 [Hkv, N]
+  value_norm_share(norms)                          share across KV heads (policy's)
+  compact_kv(key_caches, value_caches, kept, src_block_table, dst_block_table=None)
+  split_kv_cache(kv_cache) -> (key_cache, value_cache)
+  gather_paged(cache, block_table, num_tokens) -> dense [H, N, d]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vllm_defensive.policy.scoring import WindowStats, value_norm_share
+
+from . import torch_impl
+from ._backend import backend, resolve, triton_available
+from .torch_impl import gather_paged
+
+__all__ = [
+    "backend", "triton_available", "paged_window_stats", "window_stats", "paged_value_norms",
+    "value_norm_share", "compact_kv", "split_kv_cache", "gather_paged", "dense_as_paged", "WindowStats",
+]
+
+
+def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM FlashAttention layer cache (num_blocks, 2, block_size, Hkv, d) -> its K and V views."""
+    if kv_cache.dim() != 5 or kv_cache.shape[1] != 2:
+        raise ValueError(f"expected (num_blocks, 2, block_size, num_kv_heads, head_size), got {tuple(kv_cache.shape)}")
+    return kv_cache[:, 0], kv_cache[:, 1]
+
+
+def dense_as_paged(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense [H, N, d] -> a one-block paged view [1, N, H, d] (no copy) and its block table."""
+    h, n, d = x.shape
+    return x.permute(1, 0, 2).unsqueeze(0), torch.zeros(1, dtype=torch.int32, device=x.device)
+
+
+def _check_cache(cache: torch.Tensor, block_table: torch.Tensor, n: int, what: str) -> None:
+    if cache.dim() != 4:
+        raise ValueError(f"{what} must be [num_blocks, block_size, num_kv_heads, head_size], got {tuple(cache.shape)}")
+    if block_table.dim() != 1:
+        raise ValueError(f"block_table must be 1-D, got {tuple(block_table.shape)}")
+    need = -(-n // cache.shape[1])
+    if block_table.numel() < need:
+        raise ValueError(f"block_table has {block_table.numel()} blocks; {n} tokens need {need}")
+
+
+def paged_window_stats(
+    queries: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    pool_kernel: int = 5,
+    scale: float | None = None,
+    probs_dtype: torch.dtype | None = None,
+    fix_window_bias: bool = False,
+    window_bias_as_tensor: bool = False,
+    impl: str | None = None,
+) -> WindowStats:
+    """`policy.scoring.window_stats` over paged keys, without the [Hq, W, L] probabilities.
+
+    queries [Hq, W, d] (post-RoPE, the last W prompt tokens); key_cache [num_blocks, block_size,
+    Hkv, d]; the first `seq_len` tokens of `block_table` are the prompt. Returns fp32 [Hkv, L-W]
+    defensive_max / snapkv / unpooled_mean and the window bias (a Python float, or a 0-dim
+    device tensor with `window_bias_as_tensor`, which avoids a device sync).
+    """
+    _check_cache(key_cache, block_table, seq_len, "key_cache")
+    w = queries.shape[1]
+    if w > seq_len:
+        raise ValueError(f"window ({w}) is longer than the context ({seq_len})")
+    use_torch = resolve(impl, queries.device) == "torch" or seq_len == w
+    if not use_torch:
+        from . import _scoring
+
+        # more than MAX_ROWS window rows per KV head (group x window) exceed the kernel's row packing
+        use_torch = (queries.shape[0] // key_cache.shape[2]) * w > _scoring.MAX_ROWS
+    if use_torch:
+        return torch_impl.window_stats(queries, key_cache, block_table, seq_len, pool_kernel, scale, probs_dtype,
+                                       fix_window_bias, window_bias_as_tensor)
+
+    return _scoring.window_stats(queries, key_cache, block_table, seq_len, pool_kernel, scale, probs_dtype,
+                                 fix_window_bias, window_bias_as_tensor)
+
+
+def window_stats(queries: torch.Tensor, keys: torch.Tensor, pool_kernel: int = 5, scale: float | None = None,
+                 probs_dtype: torch.dtype | None = None, fix_window_bias: bool = False,
+                 window_bias_as_tensor: bool = False, impl: str | None = None) -> WindowStats:
+    """Drop-in for `policy.scoring.window_stats` on dense keys [Hkv, L, d] (no copy of the keys)."""
+    cache, table = dense_as_paged(keys)
+    return paged_window_stats(queries, cache, table, keys.shape[1], pool_kernel, scale, probs_dtype,
+                              fix_window_bias, window_bias_as_tensor, impl)
+
+
+def paged_value_norms(value_cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int,
+                      o_proj_weight: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+    """`policy.scoring.value_norms` of the first `num_tokens` tokens in the pages: fp32 [Hkv, N]."""
+    _check_cache(value_cache, block_table, num_tokens, "value_cache")
+    if resolve(impl, value_cache.device) == "torch":
+        return torch_impl.value_norms(value_cache, block_table, num_tokens, o_proj_weight)
+    from . import _value_norm
+
+    return _value_norm.value_norms(value_cache, block_table, num_tokens, o_proj_weight)
+
+
+def compact_kv(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor], kept: torch.Tensor,
+               src_block_table: torch.Tensor, dst_block_table: torch.Tensor | None = None,
+               impl: str | None = None, check: bool = False) -> None:
+    """Copy each layer's kept tokens into destination pages: slot i of head h <- token kept[h, i].
+
+    key_caches / value_caches: one [num_blocks, block_size, Hkv, d] cache per layer (a list, or a
+    stacked tensor). kept: int [Hkv, k] (the same for every layer) or [layers, Hkv, k]; entries
+    < 0 are skipped (ragged per-head counts). src_block_table: the request's block ids ([blocks]
+    or [layers, blocks]). dst_block_table: where slot i goes ([blocks] or [layers, blocks]); its
+    blocks must not hold source tokens still to be copied. None compacts in place into the source
+    pages, which needs each head's valid kept indices strictly increasing (what the policy's
+    selection returns; `check=True` verifies it, at the cost of a device sync).
+    """
+    if isinstance(key_caches, torch.Tensor) and key_caches.dim() == 5:
+        key_caches = list(key_caches.unbind(0))
+    if isinstance(value_caches, torch.Tensor) and value_caches.dim() == 5:
+        value_caches = list(value_caches.unbind(0))
+    key_caches, value_caches = list(key_caches), list(value_caches)
+    if check and dst_block_table is None:
+        idx = kept if kept.dim() == 3 else kept.unsqueeze(0)
+        valid = idx >= 0
+        pos = torch.arange(idx.shape[-1], device=idx.device)
+        # valid entries strictly increasing <=> each valid entry is larger than every earlier one
+        run = torch.where(valid, idx, torch.full_like(idx, -1)).cummax(-1).values
+        prev = torch.cat([torch.full_like(run[..., :1], -1), run[..., :-1]], -1)
+        if bool(((idx <= prev) & valid).any()) or bool(((idx < pos) & valid).any()):
+            raise ValueError("in-place compaction needs each head's kept indices strictly increasing")
+    if resolve(impl, key_caches[0].device) == "torch":
+        torch_impl.compact_kv(key_caches, value_caches, kept, src_block_table, dst_block_table)
+        return
+    from . import _compact
+
+    _compact.compact_kv(key_caches, value_caches, kept, src_block_table, dst_block_table)

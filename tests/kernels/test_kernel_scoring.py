@@ -1,0 +1,167 @@
+"""Fused window scoring over paged keys == policy.scoring.window_stats."""
+
+import math
+import random
+
+import pytest
+import torch
+from kernel_testutil import assert_topk_agree, attention_inputs, make_paged
+
+import vllm_defensive.triton_kernels as tk
+from vllm_defensive.policy import scoring
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+def tolerances(probs_dtype, fix_bias=False):
+    """(rtol for defensive_max, rtol for the means, rtol for the window bias)."""
+    if probs_dtype is None or probs_dtype == FP32:
+        return 1e-4, 1e-4, 1e-5
+    # Rounded probabilities: every element is rounded like the reference (to nearest even) and
+    # the row sums m, S and the official bias are sums of the rounded values, so almost every
+    # score agrees to fp32 summation order. A probability computed a hair differently can still
+    # land on the other side of a rounding boundary: one ulp of probs_dtype on that token, i.e.
+    # up to 2^-7 (bf16) or 2^-10 (fp16) relative just above a power of two.
+    # The fixed ("window") bias is computed from unrounded probabilities (documented).
+    ulp = 2.0 ** -7 if probs_dtype == BF16 else 2.0 ** -10
+    return 1.01 * ulp, 1e-3, (4e-3 if fix_bias else 1e-5)
+
+
+def check_stats(got, ref, probs_dtype, fix_bias=False, keep_frac=0.2):
+    r_max, r_mean, r_bias = tolerances(probs_dtype, fix_bias)
+    for name, rtol in (("defensive_max", r_max), ("snapkv", r_mean), ("unpooled_mean", r_mean)):
+        a, b = getattr(got, name), getattr(ref, name)
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-9, msg=lambda m: f"{name}: {m}")
+        # and nearly every token agrees to float32 accuracy. (Rounded mode: the row that attains a
+        # token's max is picked with pass 1's unrounded row scale, then its value is recomputed
+        # with the exact rounded sums; rows tied within that scale's error, as every row is when
+        # the prefix has a handful of tokens, may give the other row's value: within r_max.)
+        if b.shape[1] >= 64:
+            close = ((a - b).abs() <= 1e-4 * b.abs() + 1e-9).float().mean().item()
+            assert close >= 0.99, f"{name}: only {close:.4f} of the tokens agree to 1e-4"
+    bias = float(got.window_bias)
+    assert math.isclose(bias, ref.window_bias, rel_tol=r_bias, abs_tol=1e-7), (bias, ref.window_bias)
+    # identical keep sets wherever the reference's scores are not tied (within 1e-4) at the cut
+    k = max(1, int(ref.defensive_max.shape[1] * keep_frac))
+    assert_topk_agree(got.defensive_max, ref.defensive_max, k, 1e-4)
+    assert_topk_agree(got.snapkv, ref.snapkv, k, 1e-4)
+
+
+def run_case(device, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = attention_inputs(hq, hkv, w, n, d, dtype, device, gen)
+    cache, table = make_paged(k, bs, layout, gen=gen)
+    ref = scoring.window_stats(q, k, pool, None, probs_dtype, fix_bias)
+    kw = {}
+    if split_len is not None:  # small splits exercise the merge of pass-1 partial statistics
+        from vllm_defensive.triton_kernels import _scoring
+        got = _scoring.window_stats(q, cache, table, n, pool, None, probs_dtype, fix_bias, _split_len=split_len)
+    else:
+        got = tk.paged_window_stats(q, cache, table, n, pool, None, probs_dtype, fix_bias, impl="triton", **kw)
+    check_stats(got, ref, probs_dtype, fix_bias)
+    return q, k, cache, table, ref
+
+
+# hq, hkv, d, block, L, W, dtype, probs_dtype, pool, layout, split_len, fix_window_bias
+SMALL = [
+    pytest.param(2, 2, 64, 16, 150, 8, BF16, BF16, 5, "NHD", 64, False, id="g1-d64-bs16-bf16probs-3splits"),
+    pytest.param(6, 2, 128, 32, 261, 8, BF16, None, 5, "FA", None, False, id="g3-d128-bs32-fp32probs-fa"),
+    pytest.param(7, 1, 64, 64, 333, 4, FP16, FP16, 5, "HND", 128, True, id="g7-d64-bs64-fp16-hnd-fixbias"),
+    pytest.param(14, 2, 64, 128, 200, 32, BF16, BF16, 5, "NHD", None, False, id="g7-w32-bs128-qwen-like"),
+    pytest.param(3, 1, 128, 16, 37, 32, FP32, None, 5, "NHD", 16, False, id="g3-fp32-P5-tinysplits"),
+    pytest.param(3, 3, 64, 16, 34, 32, BF16, BF16, 5, "HND", None, True, id="g1-P2-pool-edges"),
+    pytest.param(4, 1, 64, 16, 100, 8, BF16, BF16, 1, "NHD", None, False, id="g4-no-pooling"),
+    pytest.param(8, 2, 128, 32, 120, 8, FP32, None, 7, "FA", 32, False, id="g4-fp32-pool7"),
+]
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,pool,layout,split_len,fix_bias", SMALL)
+def test_window_stats_matches_reference(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len,
+                                        fix_bias):
+    run_case(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias,
+             seed=hq * 1000 + n)
+
+
+def _random_cases(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        g, hkv = rng.choice([1, 3, 7]), rng.choice([1, 2])
+        w = rng.choice([4, 8, 16, 32])
+        out.append(pytest.param(
+            g * hkv, hkv, rng.choice([64, 128]), rng.choice([16, 32, 64, 128]), w + rng.randint(1, 260), w,
+            rng.choice([BF16, FP16, FP32]), rng.choice([None, BF16, FP16]), 5, rng.choice(["NHD", "HND", "FA"]),
+            rng.choice([None, 64]), rng.random() < 0.3, id=f"random{i}"))
+    return out
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,pool,layout,split_len,fix_bias", _random_cases(6, 2024))
+def test_window_stats_random_shapes(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias):
+    run_case(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed=n * 7 + hq)
+
+
+@pytest.mark.interp
+def test_dense_api_and_bias_tensor(kdev):
+    gen = torch.Generator().manual_seed(7)
+    q, k = attention_inputs(6, 2, 8, 90, 64, BF16, kdev, gen)
+    ref = scoring.window_stats(q, k, 5, 0.1, BF16)
+    got = tk.window_stats(q, k, 5, 0.1, BF16, window_bias_as_tensor=True, impl="triton")
+    assert isinstance(got.window_bias, torch.Tensor) and got.window_bias.dim() == 0
+    check_stats(got, ref, BF16)
+
+
+def test_torch_path_is_the_reference():
+    gen = torch.Generator().manual_seed(3)
+    q, k = attention_inputs(6, 2, 8, 70, 64, BF16, "cpu", gen)
+    cache, table = make_paged(k, 16, "HND", gen=gen)
+    for pd in (None, BF16):
+        ref = scoring.window_stats(q, k, 5, None, pd)
+        got = tk.paged_window_stats(q, cache, table, 70, probs_dtype=pd, impl="torch")
+        for name in ("defensive_max", "snapkv", "unpooled_mean"):
+            assert torch.equal(getattr(got, name), getattr(ref, name))
+        assert got.window_bias == ref.window_bias
+
+
+@pytest.mark.interp
+def test_many_rows_per_kv_head_fall_back_to_torch(kdev):
+    """Over MAX_ROWS window rows per KV head (group x window) the kernel's row packing does not fit:
+    the call transparently takes the PyTorch path."""
+    from vllm_defensive.triton_kernels import _scoring
+
+    gen = torch.Generator().manual_seed(9)
+    w = 32
+    hq = _scoring.MAX_ROWS // w + 1  # one KV head
+    q, k = attention_inputs(hq, 1, w, 40, 64, BF16, kdev, gen)
+    got = tk.window_stats(q, k, probs_dtype=BF16, impl="triton")
+    ref = scoring.window_stats(q, k, probs_dtype=BF16)
+    assert torch.equal(got.defensive_max, ref.defensive_max)
+
+
+def test_argument_checks():
+    q = torch.randn(4, 8, 64)
+    cache = torch.randn(4, 16, 2, 64)
+    with pytest.raises(ValueError):
+        tk.paged_window_stats(q, cache, torch.zeros(1, dtype=torch.int32), 40)  # table too short
+    with pytest.raises(ValueError):
+        tk.paged_window_stats(q, cache, torch.arange(4, dtype=torch.int32), 4)  # window > context
+
+
+# --- real sizes on the GPU ----------------------------------------------------------------------
+GPU = [
+    pytest.param(32, 8, 128, 16, 131072, 32, BF16, BF16, "FA", id="llama8b-128k-bs16-bf16probs"),
+    pytest.param(32, 8, 128, 16, 32768 + 77, 32, BF16, None, "NHD", id="llama8b-32k-ragged-fp32probs"),
+    pytest.param(14, 2, 64, 32, 32768, 32, BF16, BF16, "HND", id="qwen05b-32k-bs32-hnd"),
+    pytest.param(28, 4, 128, 128, 16000, 32, FP16, FP16, "FA", id="g7-16k-bs128-fp16"),
+    pytest.param(12, 4, 64, 64, 4099, 32, FP32, None, "NHD", id="g3-4k-fp32"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,layout", GPU)
+def test_window_stats_real_sizes(hq, hkv, d, bs, n, w, dtype, probs_dtype, layout):
+    run_case(torch.device("cuda"), hq, hkv, d, bs, n, w, dtype, probs_dtype, 5, layout, None, False, seed=n)
+    torch.cuda.empty_cache()

@@ -1,0 +1,564 @@
+"""Fused window scoring over paged keys (Triton), matching `policy.scoring.window_stats`.
+
+Never materialises the [Hq, W, L] probability matrix. Four launches per layer, one workspace:
+
+pass 1   grid (row blocks, key splits, Hkv). Each program streams its split of the keys once and
+         keeps, per window row (one row = one (query head, window position) of the KV head's
+         group), the online-softmax statistics over ALL L keys with the causal mask inside the
+         window: running max and sum of exp; on the few tiles that need them, the prefix share
+         (keys < P), the pooled-row-sum deficit at the prefix edges and the window-bias columns.
+combine  grid (row blocks, Hkv): merges the splits into per-row (max, 1/sum, pooling scale c,
+         bias mass) and zeroes the exact-sum accumulators of pass 2.
+pass 2   grid (programs, Hkv), each program walking a contiguous run of prefix tiles (so the
+         next tile's keys load while this one computes, and the window queries are loaded once
+         when the group's rows fit one block). Tiles of BN keys overlap by pool_kernel//2 keys on
+         each side and own their BN - 2*(pool_kernel//2) central keys, so pooling needs no
+         separate halo. Per tile: the probabilities of every window row of the KV head's group;
+         pooling along the key axis as a product with a banded 0/1 matrix on the tensor cores;
+         rescaling each row by c; reductions over rows: max (defensive) and mean of the unpooled
+         rows (stage 1); SnapKV's pooled mean is the pooled unpooled-mean (pooling is linear).
+         One read of the keys (plus the 2*(pool_kernel//2)/BN overlap).
+fixup    rescales the defensive max with the exact rounded-row sums (below) and writes the window
+         bias (mean over rows), so no host-side reduction or sync is needed.
+
+Mass-preserving pooling in closed form: with zero padding and count_include_pad, the pooled row
+sums to S = sum_t a_t * cnt(t) / K where cnt(t) = #{outputs j in [0, P) whose window covers t}
+(= K inside, fewer within K//2 of either end). That is the doc's S = m - (2a0 + a1 + a_{P-2} +
+2a_{P-1})/5 for K = 5, but also right for P < 4 and any odd K. Pass 1 accumulates m and the edge
+deficit m - S next to the softmax sums, so each row's scale c = m / (S + eps) is known before pass 2.
+
+`probs_dtype` rounding (the official code casts the fp32 probabilities to the model dtype before
+pooling, and pooling casts back to it): pass 2 rounds each probability and each pooled value to
+nearest-even like torch. The reference's m and S are then sums of ROUNDED values, which pass 1
+cannot know; pass 2 accumulates them exactly (atomics per row) and records, per token, which row
+gave the max (packed into the low bits of the max itself), and the fixup kernel recomputes that
+row's pooled / (S + eps) * m with the exact sums: the reference's formula, up to float32
+summation order. The row is chosen with pass 1's unrounded scale, so where two rows tie within
+that scale's error (under one ulp of probs_dtype) the value may be the other row's. The official
+window bias is likewise the exact sum of rounded probabilities; the fixed variant
+(`fix_window_bias`) is computed from the unrounded ones.
+
+Host cost: about 0.25-0.3 ms of Python/launch work per call on the H100 machine (four Triton
+launches); called layer after layer it overlaps the device work, and a CUDA graph removes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+EPS = 1e-12
+MAX_ROWS = 512  # group size x window per KV head: the row index travels in 9 low bits of the max
+LOG2E = 1.4426950408889634
+
+# Tunables (the benchmark sweeps some; tests override split_len to exercise the split merge).
+CONFIG = {
+    "p1_bn": 64,  # keys per pass-1 tile
+    "p1_warps": 8,  # for row blocks of 128 (4 below)
+    "p1_stages": 3,
+    "p1_programs_per_sm": 4,  # pass-1 split count target
+    "p2_bn": 64,  # prefix keys per pass-2 tile
+    "p2_warps": 4,  # H100 sweep at 32K: 4 warps beat 8 by 25-35% (benchmarks/results/kernels)
+    "p2_stages": 2,
+    "p2_programs_per_sm": 2,  # pass-2 programs (each a run of tiles) per SM
+    "br": 0,  # rows per block (0 = choose from the group size)
+}
+# Per head-dim overrides of CONFIG: the best of the last H100 sweep at 32K (benchmarks/results/
+# kernels/kernels.json "sweep"; 32-key tiles were within 1% of 64 there for d = 128).
+CONFIG_BY_HEAD_DIM: dict[int, dict] = {128: {"p2_bn": 32}, 64: {}}
+
+
+def _cfg(d: int) -> dict:
+    c = dict(CONFIG)
+    c.update(CONFIG_BY_HEAD_DIM.get(d, {}))
+    return c
+@triton.jit
+def _load_key_tile(K, BT, t, tmask, h, dd, dmask, skb, skt, skh, skd, block_size):
+    blk = tl.load(BT + t // block_size, mask=tmask, other=0).to(tl.int64)
+    off = (t % block_size).to(tl.int64)
+    ptr = K + blk[:, None] * skb + off[:, None] * skt + h * skh + dd[None, :] * skd
+    return tl.load(ptr, mask=tmask[:, None] & dmask[None, :], other=0.0)
+
+
+@triton.jit
+def _round(x, ROUND: tl.constexpr, INTERP: tl.constexpr):
+    """Round fp32 to probs_dtype and back, round-to-nearest-even like torch's .to()."""
+    if ROUND == 1:
+        if INTERP:
+            # Triton 3.6's interpreter truncates fp32 -> bf16; round by hand (x >= 0, finite).
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+        else:
+            x = x.to(tl.bfloat16).to(tl.float32)
+    elif ROUND == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
+    if INTERP:
+        # The interpreter multiplies bf16 operands as raw integers; fp32 products of 16-bit
+        # values are exact, which is what the tensor cores compute.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _band_dot(p, band, ROUND: tl.constexpr, INTERP: tl.constexpr):
+    """p @ band for a 0/1 band matrix: exact products on the tensor cores.
+
+    Rounded probabilities are exact in their 16-bit type; fp32 ones are split in three bf16 parts
+    (24 significant bits), so the pooled sums carry fp32 accuracy either way.
+    """
+    if INTERP:
+        acc = tl.dot(p, band, input_precision="ieee")
+    elif ROUND == 1:
+        acc = tl.dot(p.to(tl.bfloat16), band.to(tl.bfloat16))
+    elif ROUND == 2:
+        acc = tl.dot(p.to(tl.float16), band.to(tl.float16))
+    else:
+        b = band.to(tl.bfloat16)
+        hi = p.to(tl.bfloat16)
+        r1 = p - hi.to(tl.float32)
+        mid = r1.to(tl.bfloat16)
+        lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(hi, b)
+        acc = tl.dot(mid, b, acc)
+        acc = tl.dot(lo, b, acc)
+    return acc
+
+
+
+
+
+@triton.jit
+def _div_const(x, KPOOL: tl.constexpr):
+    """x / KPOOL rounded like IEEE division (avg_pool divides), via one fma correction step."""
+    q = x * (1.0 / KPOOL)
+    r = tl.fma(-q, tl.full(x.shape, KPOOL, tl.float32), x)
+    return tl.fma(r, tl.full(x.shape, 1.0 / KPOOL, tl.float32), q)
+
+
+@triton.jit
+def _window_pass1(
+    Q, K, BT, PART,
+    sqh, sqw, sqd, skb, skt, skh, skd, block_size,
+    L, P, W, G, R, RP, HEAD_D, bias_lo, bias_hi, split_len, num_splits, scale_log2,
+    HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    CDT: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    rb = tl.program_id(0)
+    sp = tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)
+    r = rb * BR + tl.arange(0, BR)
+    rmask = r < R
+    g = r // W
+    i = r % W
+    dd = tl.arange(0, BD)
+    dmask = dd < HEAD_D
+    qh = (h * G + g).to(tl.int64)
+    q = tl.load(Q + qh[:, None] * sqh + i[:, None] * sqw + dd[None, :] * sqd,
+                mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+    lim = P + i  # window row i sits at position P + i and sees keys <= P + i
+
+    m = tl.full([BR], float("-inf"), tl.float32)
+    l_all = tl.zeros([BR], tl.float32)  # every visible key
+    l_pre = tl.zeros([BR], tl.float32)  # keys < P (prefix mass m)
+    s_def = tl.zeros([BR], tl.float32)  # sum_t (1 - cnt(t)/K) p_t: m - S (pooled-row sum)
+    l_b = tl.zeros([BR], tl.float32)  # window-bias columns
+    k_lo = sp * split_len
+    k_hi = tl.minimum(k_lo + split_len, L)
+    for start in range(k_lo, k_hi, BN):
+        t = start + tl.arange(0, BN)
+        tmask = t < k_hi
+        k = _load_key_tile(K, BT, t, tmask, h, dd, dmask, skb, skt, skh, skd, block_size).to(CDT)
+        s = _dot(q, tl.trans(k), DOT_PREC, INTERP) * scale_log2
+        if start + BN > tl.minimum(P, k_hi):  # causal mask / ragged end: only the last tiles
+            s = tl.where(tmask[None, :] & (t[None, :] <= lim[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        tile_sum = tl.sum(p, 1)
+        l_all = l_all * alpha + tile_sum
+        if start + BN <= P:
+            pre_sum = tile_sum
+        else:
+            pre_sum = tl.sum(tl.where((t < P)[None, :], p, 0.0), 1)
+        l_pre = l_pre * alpha + pre_sum
+        s_def = s_def * alpha
+        l_b = l_b * alpha
+        if HALF > 0:
+            if (start < HALF) | (start + BN > P - HALF):  # pooling edges
+                cnt = tl.minimum(t + HALF, P - 1) - tl.maximum(t - HALF, 0) + 1
+                deficit = tl.where(t < P, 1.0 - cnt.to(tl.float32) / KPOOL, 0.0)
+                s_def += tl.sum(p * deficit[None, :], 1)
+        if (start < bias_hi) & (start + BN > bias_lo):
+            l_b += tl.sum(tl.where(((t >= bias_lo) & (t < bias_hi))[None, :], p, 0.0), 1)
+        m = m_new
+
+    base = PART + ((h * num_splits + sp) * 5) * RP
+    tl.store(base + r, m, mask=rmask)
+    tl.store(base + RP + r, l_all, mask=rmask)
+    tl.store(base + 2 * RP + r, l_pre, mask=rmask)
+    tl.store(base + 3 * RP + r, s_def, mask=rmask)
+    tl.store(base + 4 * RP + r, l_b, mask=rmask)
+
+
+@triton.jit
+def _window_combine(PART, ROW, SUMS, R, RP, num_splits, BR: tl.constexpr, BS: tl.constexpr, EXACT: tl.constexpr):
+    """Merge the pass-1 splits: [BS splits x BR rows] tiles, so the loads are not a serial chain."""
+    rb = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    r = rb * BR + tl.arange(0, BR)
+    rmask = r < R
+    sp = tl.arange(0, BS)
+    mx = tl.full([BR], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BS):
+        spm = (s0 + sp) < num_splits
+        ptr = PART + ((h * num_splits + s0 + sp[:, None]) * 5) * RP + r[None, :]
+        mx = tl.maximum(mx, tl.max(tl.load(ptr, mask=spm[:, None] & rmask[None, :], other=float("-inf")), 0))
+    mx = tl.where(mx == float("-inf"), 0.0, mx)  # only padded rows
+    l_all = tl.zeros([BR], tl.float32)
+    l_pre = tl.zeros([BR], tl.float32)
+    s_def = tl.zeros([BR], tl.float32)
+    l_b = tl.zeros([BR], tl.float32)
+    for s0 in range(0, num_splits, BS):
+        spm = (s0 + sp) < num_splits
+        msk = spm[:, None] & rmask[None, :]
+        ptr = PART + ((h * num_splits + s0 + sp[:, None]) * 5) * RP + r[None, :]
+        a = tl.exp2(tl.load(ptr, mask=msk, other=float("-inf")) - mx[None, :])
+        l_all += tl.sum(a * tl.load(ptr + RP, mask=msk, other=0.0), 0)
+        l_pre += tl.sum(a * tl.load(ptr + 2 * RP, mask=msk, other=0.0), 0)
+        s_def += tl.sum(a * tl.load(ptr + 3 * RP, mask=msk, other=0.0), 0)
+        l_b += tl.sum(a * tl.load(ptr + 4 * RP, mask=msk, other=0.0), 0)
+    inv_l = tl.where(rmask, 1.0 / tl.where(rmask, l_all, 1.0), 0.0)
+    mass = l_pre * inv_l
+    pooled_sum = (l_pre - s_def) * inv_l
+    c = mass / (pooled_sum + 1e-12)
+    out = ROW + h * 4 * RP
+    tl.store(out + r, mx, mask=rmask)
+    tl.store(out + RP + r, inv_l, mask=rmask)
+    tl.store(out + 2 * RP + r, c, mask=rmask)
+    tl.store(out + 3 * RP + r, l_b * inv_l, mask=rmask)
+    if EXACT:  # pass 2 accumulates into these with atomics
+        zero = tl.zeros([BR], tl.float32)
+        sums = SUMS + h * 3 * RP
+        tl.store(sums + r, zero, mask=rmask)
+        tl.store(sums + RP + r, zero, mask=rmask)
+        tl.store(sums + 2 * RP + r, zero, mask=rmask)
+
+
+@triton.jit
+def _p2_rows(q, mx, inv_l, c, r, k, kmask, omask, edge_tile, band, bias_col, do_bias, scale_log2,
+             HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, ROUND: tl.constexpr,
+             EXACT: tl.constexpr, RBITS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
+    """One block of window rows against one key tile (tile columns = keys t0 .. t0+BN-1, of which the
+    central BN - 2*HALF are this tile's outputs). Padded rows have inv_l = c = 0, so they are zero.
+
+    Returns the unpooled column sums, the column max (EXACT: packed with its row, see below) and,
+    for EXACT, the per-row sums of the rounded probabilities / pooled values / bias columns."""
+    s = _dot(q, tl.trans(k), DOT_PREC, INTERP) * scale_log2
+    p = tl.exp2(s - mx[:, None]) * inv_l[:, None]
+    if edge_tile:  # keys outside [0, P) pool as zeros (the reference pools the prefix alone)
+        p = tl.where(kmask[None, :], p, 0.0)
+    p = _round(p, ROUND, INTERP)
+    unp = tl.sum(p, 0)
+    if HALF > 0:
+        pooled = _div_const(_band_dot(p, band, ROUND, INTERP), KPOOL)
+    else:
+        pooled = p
+    pr = _round(pooled, ROUND, INTERP)
+    val = pr * c[:, None]
+    if EXACT:
+        # Max and its row in one reduction: val >= 0, so its bit pattern orders like the value;
+        # the low RBITS bits carry the row (a 2^(RBITS-23) relative truncation of the value, which
+        # the fixup undoes exactly by rounding back to probs_dtype's grid).
+        bits = val.to(tl.int32, bitcast=True)
+        packed = (bits & (-(1 << RBITS))) | r[:, None]
+        colmax = tl.max(packed, 0)
+        own = omask[None, :]  # each key's probability counts once: in the tile it is an output of
+        msum = tl.sum(tl.where(own, p, 0.0), 1)
+        ssum = tl.sum(tl.where(own, pr, 0.0), 1)
+        if do_bias:
+            bsum = tl.sum(tl.where(own & bias_col[None, :], p, 0.0), 1)
+        else:
+            bsum = tl.zeros([BR], tl.float32)
+    else:
+        colmax = tl.max(val, 0)
+        msum = tl.zeros([BR], tl.float32)
+        ssum = msum
+        bsum = msum
+    return unp, colmax, msum, ssum, bsum
+
+
+@triton.jit
+def _window_pass2(
+    Q, K, BT, ROW, DMAX, SNAP, UNP, SUMS, PACKED,
+    sqh, sqw, sqd, skb, skt, skh, skd, block_size,
+    P, W, G, R, RP, HEAD_D, num_row_blocks, tiles_per_prog, scale_log2, inv_rows, bias_lo, bias_hi,
+    HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    ROUND: tl.constexpr, EXACT: tl.constexpr, SINGLE_RB: tl.constexpr, RBITS: tl.constexpr, CDT: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    STEP: tl.constexpr = BN - 2 * HALF  # outputs per tile; tiles overlap by the pooling halo
+    n_tiles = tl.cdiv(P, STEP)
+    jt0 = pid * tiles_per_prog
+    jt1 = tl.minimum(jt0 + tiles_per_prog, n_tiles)
+    dd = tl.arange(0, BD)
+    dmask = dd < HEAD_D
+    a_idx = tl.arange(0, BN)
+    band = tl.where(tl.abs(a_idx[:, None] - a_idx[None, :]) <= HALF, 1.0, 0.0)
+    central = (a_idx >= HALF) & (a_idx < BN - HALF)
+    row = ROW + h * 4 * RP
+    sums = SUMS + h * 3 * RP
+    if SINGLE_RB:  # the whole group fits one row block: load the queries and row stats once
+        r = tl.arange(0, BR)
+        rmask = r < R
+        g = r // W
+        i = r % W
+        qh = (h * G + g).to(tl.int64)
+        q = tl.load(Q + qh[:, None] * sqh + i[:, None] * sqw + dd[None, :] * sqd,
+                    mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+        mx = tl.load(row + r, mask=rmask, other=0.0)
+        inv_l = tl.load(row + RP + r, mask=rmask, other=0.0)
+        c = tl.load(row + 2 * RP + r, mask=rmask, other=0.0)
+        m_acc = tl.zeros([BR], tl.float32)
+        s_acc = tl.zeros([BR], tl.float32)
+        b_acc = tl.zeros([BR], tl.float32)
+
+    for jt in range(jt0, jt1):
+        t0 = jt * STEP - HALF  # first key of the tile (may be negative: zero padding)
+        t = t0 + a_idx
+        kmask = (t >= 0) & (t < P)
+        omask = central & (t < P)  # this tile's outputs
+        edge_tile = (t0 < 0) | (t0 + BN > P)
+        k = _load_key_tile(K, BT, t, kmask, h, dd, dmask, skb, skt, skh, skd, block_size).to(CDT)
+        bias_col = (t >= bias_lo) & (t < bias_hi)
+        do_bias = (t0 < bias_hi) & (t0 + BN > bias_lo)
+        if SINGLE_RB:
+            unp, colmax, msum, ssum, bsum = _p2_rows(
+                q, mx, inv_l, c, r, k, kmask, omask, edge_tile, band, bias_col, do_bias, scale_log2,
+                HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP)
+            if EXACT:
+                m_acc += msum
+                s_acc += ssum
+                b_acc += bsum
+        else:
+            unp = tl.zeros([BN], tl.float32)
+            if EXACT:
+                colmax = tl.zeros([BN], tl.int32)
+            else:
+                colmax = tl.zeros([BN], tl.float32)
+            for rb in range(num_row_blocks):
+                r = rb * BR + tl.arange(0, BR)
+                rmask = r < R
+                g = r // W
+                i = r % W
+                qh = (h * G + g).to(tl.int64)
+                q = tl.load(Q + qh[:, None] * sqh + i[:, None] * sqw + dd[None, :] * sqd,
+                            mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+                mx = tl.load(row + r, mask=rmask, other=0.0)
+                inv_l = tl.load(row + RP + r, mask=rmask, other=0.0)
+                c = tl.load(row + 2 * RP + r, mask=rmask, other=0.0)
+                unp_b, colmax_b, msum, ssum, bsum = _p2_rows(
+                    q, mx, inv_l, c, r, k, kmask, omask, edge_tile, band, bias_col, do_bias, scale_log2,
+                    HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP)
+                unp += unp_b
+                colmax = tl.maximum(colmax, colmax_b)
+                if EXACT:
+                    tl.atomic_add(sums + r, msum, mask=rmask, sem="relaxed")
+                    tl.atomic_add(sums + RP + r, ssum, mask=rmask, sem="relaxed")
+                    if do_bias:
+                        tl.atomic_add(sums + 2 * RP + r, bsum, mask=rmask, sem="relaxed")
+        # SnapKV: pooling is linear, so the pooled row mean is the pooled unpooled mean
+        if HALF > 0:
+            snap = _div_const(tl.sum(unp[:, None] * band, 0), KPOOL)
+        else:
+            snap = unp
+        out = h * P + t
+        if EXACT:
+            tl.store(PACKED + out, colmax, mask=omask)  # turned into the max by the fixup kernel
+        else:
+            tl.store(DMAX + out, colmax, mask=omask)
+        tl.store(SNAP + out, snap * inv_rows, mask=omask)
+        tl.store(UNP + out, unp * inv_rows, mask=omask)
+
+    if SINGLE_RB:
+        if EXACT:
+            tl.atomic_add(sums + r, m_acc, mask=rmask, sem="relaxed")
+            tl.atomic_add(sums + RP + r, s_acc, mask=rmask, sem="relaxed")
+            tl.atomic_add(sums + 2 * RP + r, b_acc, mask=rmask, sem="relaxed")
+
+
+@triton.jit
+def _window_fixup(DMAX, PACKED, ROW, SUMS, BIAS, P, R, RP, HKV, bias_src_stride, bias_src_off,
+                  BN: tl.constexpr, BRB: tl.constexpr, RBITS: tl.constexpr, ROUND: tl.constexpr,
+                  DO_FIX: tl.constexpr, INTERP: tl.constexpr):
+    """Defensive max with the exact rounded-row sums (pooled / (S + eps) * m, as the reference), and
+    the window bias: the mean over every (KV head, row) of its bias-column mass."""
+    jt = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    if DO_FIX:
+        t = jt * BN + tl.arange(0, BN)
+        tmask = t < P
+        out = h * P + t
+        packed = tl.load(PACKED + out, mask=tmask, other=0)
+        rr = packed & ((1 << RBITS) - 1)
+        val = (packed & (-(1 << RBITS))).to(tl.float32, bitcast=True)
+        ok = tmask & (val > 0)
+        c = tl.load(ROW + h * 4 * RP + 2 * RP + rr, mask=ok, other=1.0)
+        pooled = _round(tl.where(ok, val / c, 0.0), ROUND, INTERP)  # back on probs_dtype's grid: exact
+        m = tl.load(SUMS + h * 3 * RP + rr, mask=ok, other=0.0)
+        s = tl.load(SUMS + h * 3 * RP + RP + rr, mask=ok, other=1.0)
+        tl.store(DMAX + out, tl.where(ok, pooled / (s + 1e-12) * m, 0.0), mask=tmask)
+    if (jt == 0) & (h == 0):
+        acc = tl.zeros([BRB], tl.float32)
+        for hh in range(HKV):
+            for r0 in range(0, R, BRB):
+                r = r0 + tl.arange(0, BRB)
+                acc += tl.load(bias_src_off + hh * bias_src_stride + r, mask=r < R, other=0.0)
+        tl.store(BIAS, tl.sum(acc, 0) / (HKV * R))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _row_block(rows: int, cfg: dict) -> int:
+    """Window rows (group x window) per block: one block of 128 when they fit exactly (Llama's
+    4 x 32), one power-of-two block up to 64, else blocks of 64 (Qwen's 7 x 32 = 224: 64-row
+    blocks beat 32-row ones by 13% on the H100 despite the padding)."""
+    if cfg["br"]:
+        return int(cfg["br"])
+    if rows == 128:
+        return 128
+    if rows <= 64:
+        return max(16, _next_pow2(rows))
+    return 64
+
+
+_ROUND = {None: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                                ).multi_processor_count
+    return 1
+
+
+def window_stats(queries, key_cache, block_table, seq_len, pool_kernel=5, scale=None, probs_dtype=None,
+                 fix_window_bias=False, window_bias_as_tensor=False, _split_len=None):
+    from vllm_defensive.policy.scoring import WindowStats
+
+    hq, w, d = queries.shape
+    nblocks, block_size, hkv, dk = key_cache.shape
+    if dk != d:
+        raise ValueError(f"query head dim {d} != key head dim {dk}")
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    if pool_kernel < 1 or pool_kernel % 2 == 0 or pool_kernel > 33:
+        raise ValueError(f"pool_kernel must be odd and <= 33, got {pool_kernel}")
+    if probs_dtype not in _ROUND:
+        raise ValueError(f"probs_dtype must be None, float32, bfloat16 or float16, got {probs_dtype}")
+    if (hq // hkv) * queries.shape[1] > MAX_ROWS:
+        raise ValueError(f"at most {MAX_ROWS} window rows per KV head (group x window), got {(hq // hkv) * queries.shape[1]}")
+    if block_table.dtype not in (torch.int32, torch.int64):
+        raise TypeError("block_table must be int32 or int64")
+    g = hq // hkv
+    n = int(seq_len)
+    p = n - w
+    rows = g * w
+    dev = queries.device
+    if not block_table.is_contiguous():
+        block_table = block_table.contiguous()
+    cdt = queries.dtype if queries.dtype == key_cache.dtype and queries.dtype in (torch.bfloat16, torch.float16) \
+        else torch.float32
+    dot_prec = "ieee" if cdt == torch.float32 else "tf32"
+    interp = dev.type == "cpu"
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale_log2 = scale * LOG2E
+    half = pool_kernel // 2
+    bd = max(16, _next_pow2(d))
+    cfg = _cfg(d)
+    br = _row_block(rows, cfg)
+    nrb = triton.cdiv(rows, br)
+    rp = nrb * br
+    rnd = _ROUND[probs_dtype]
+    exact = rnd > 0
+    if fix_window_bias:
+        bias_lo, bias_hi = p, n
+    else:
+        bias_lo, bias_hi = max(p - w, 0), p
+    sms = _num_sms(dev.type, dev.index)
+
+    bn1 = cfg["p1_bn"]
+    if _split_len is None:
+        target = max(1, cfg["p1_programs_per_sm"] * sms // max(1, hkv * nrb))
+        split_len = max(bn1, triton.cdiv(triton.cdiv(n, target), bn1) * bn1)
+    else:
+        split_len = int(_split_len)
+    nsplit = triton.cdiv(n, split_len)
+    bn2 = cfg["p2_bn"]
+    if 2 * half >= bn2 // 2:
+        bn2 = _next_pow2(8 * half)  # keep the tile overlap (2 * half keys) a small fraction
+    n_tiles = triton.cdiv(p, bn2 - 2 * half)
+    rbits = max(1, (rp - 1).bit_length())  # row index of the max, padded rows included
+    progs = max(1, cfg["p2_programs_per_sm"] * sms // hkv) if dev.type == "cuda" else 2
+    tiles_per_prog = triton.cdiv(n_tiles, min(progs, n_tiles))
+    nprog = triton.cdiv(n_tiles, tiles_per_prog)
+
+    # one workspace: pass-1 partials | row stats | exact sums | dmax | snap | unp | packed max | bias
+    sizes = [hkv * nsplit * 5 * rp, hkv * 4 * rp, hkv * 3 * rp, hkv * p, hkv * p, hkv * p, hkv * p, 1]
+    ws = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
+    offs = [0]
+    for sz in sizes:
+        offs.append(offs[-1] + sz)
+    part, rowstats, sums, dmax, snap, unp, packed, bias = ws.split(sizes)
+    packed = packed.view(torch.int32)
+    kc = key_cache
+
+    _window_pass1[(nrb, nsplit, hkv)](
+        queries, kc, block_table, part,
+        queries.stride(0), queries.stride(1), queries.stride(2),
+        kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3), block_size,
+        n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2,
+        HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], DOT_PREC=dot_prec, INTERP=interp,
+        num_warps=cfg["p1_warps"] if br >= 128 else 4, num_stages=cfg["p1_stages"],
+    )
+    _window_combine[(nrb, hkv)](part, rowstats, sums, rows, rp, nsplit, BR=br, BS=min(max(2, 2048 // br), max(2, _next_pow2(nsplit))),
+                                EXACT=exact, num_warps=4)
+    _window_pass2[(nprog, hkv)](
+        queries, kc, block_table, rowstats, dmax, snap, unp, sums, packed,
+        queries.stride(0), queries.stride(1), queries.stride(2),
+        kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3), block_size,
+        p, w, g, rows, rp, d, nrb, tiles_per_prog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
+        HALF=half, KPOOL=pool_kernel, BR=br, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, SINGLE_RB=nrb == 1,
+        RBITS=rbits, CDT=_TL[cdt], DOT_PREC=dot_prec, INTERP=interp,
+        num_warps=cfg["p2_warps"], num_stages=cfg["p2_stages"],
+    )
+    if exact and not fix_window_bias:  # exact sum of the rounded probabilities, as the reference
+        bias_src, bias_stride, bias_off = sums, 3 * rp, 2 * rp
+    else:
+        bias_src, bias_stride, bias_off = rowstats, 4 * rp, 3 * rp
+    fix_bn = 256
+    _window_fixup[(triton.cdiv(p, fix_bn) if exact else 1, hkv if exact else 1)](
+        dmax, packed, rowstats, sums, bias, p, rows, rp, hkv, bias_stride, bias_src[bias_off:],
+        BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd, DO_FIX=exact,
+        INTERP=interp, num_warps=4,
+    )
+    bias = bias.view(())
+    return WindowStats(dmax.view(hkv, p), snap.view(hkv, p), unp.view(hkv, p),
+                       bias if window_bias_as_tensor else float(bias))

@@ -1,0 +1,47 @@
+"""The scoring swap point: which tokens each KV head of one layer keeps.
+
+`select_keep` is the only function the worker calls to choose tokens. By default it runs the
+policy library (pure PyTorch, on whatever device the tensors live on: the reference by
+construction). A faster implementation with the same contract (e.g. the Triton kernels on GPU)
+replaces it with `set_selector(fn)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..policy import EvictionConfig, LayerInputs, get_method
+
+Selector = Callable[[EvictionConfig, LayerInputs, int], torch.Tensor]
+
+
+def policy_selector(config: EvictionConfig, layer: LayerInputs, keep: int) -> torch.Tensor:
+    """[Hkv, keep] sorted kept context indices, the same count on every head."""
+    return get_method(config).compress_uniform(layer, keep)
+
+
+_selector: Selector = policy_selector
+
+
+def set_selector(fn: Selector | None) -> None:
+    """Install a faster selector (None restores the policy library)."""
+    global _selector
+    _selector = fn or policy_selector
+
+
+def select_keep(config: EvictionConfig, layer: LayerInputs, keep: int) -> torch.Tensor:
+    if keep >= layer.context_len:
+        return torch.arange(layer.context_len, device=layer.keys.device).expand(layer.num_kv_heads, -1)
+    idx = _selector(config, layer, keep)
+    if idx.shape != (layer.num_kv_heads, keep):
+        raise ValueError(f"selector returned {tuple(idx.shape)}, want ({layer.num_kv_heads}, {keep})")
+    return idx
+
+
+def fallback_keep(config: EvictionConfig, context_len: int, num_kv_heads: int, keep: int, device) -> torch.Tensor:
+    """Sinks + most recent tokens: used only when scoring failed after the blocks were committed."""
+    sinks = min(max(config.sinks, 4), keep)
+    idx = torch.cat([torch.arange(sinks), torch.arange(context_len - (keep - sinks), context_len)])
+    return idx.to(device).expand(num_kv_heads, keep)

@@ -1,0 +1,330 @@
+"""Worker side: keep the window's queries, compact after the prefill, and run on physical slots.
+
+Patches the V1 model runner (`vllm.v1.worker.gpu_model_runner.GPUModelRunner`; the CPU runner
+subclasses it, and the plugin pins V1 on GPU too):
+
+* every decoder attention layer's `impl.forward` is wrapped to copy the post-RoPE queries of the
+  observation-window positions computed in this step into a per-request stash (chunked prefill
+  may spread the window over several steps);
+* after the forward of the step that completes a request's prefill, every layer's context keys
+  and values are read back, scored with the window queries (`scoring.select_keep`), and the kept
+  tokens plus the tail (protected suffix) are copied into the fresh blocks the scheduler chose;
+  the request's block-table row is replaced by them;
+* from then on, `_prepare_inputs` keeps positions logical (RoPE) but recomputes the slot mapping
+  from `position - offset` and subtracts the offset from the attention `seq_lens`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from vllm.logger import init_logger
+
+from ..policy import EvictionConfig, LayerInputs
+from . import compat, debug
+from .config import server_config
+from .layout import CpuLayout, GpuLayout, KVLayout
+from .plan import STATS_ATTR, STEP_ATTR, CompactionPlan, WorkerStats
+from .scoring import fallback_keep, select_keep
+
+logger = init_logger(__name__)
+
+
+class WorkerEviction:
+    def __init__(self, runner):
+        self.runner = runner
+        self.server = server_config(runner.vllm_config.additional_config)
+        groups = runner.kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise compat.UnsupportedVllmError("--kv-eviction needs one KV-cache group (plain full attention)")
+        spec = groups[0].kv_cache_spec
+        self.block_size = spec.block_size
+        kernel = getattr(runner, "_kernel_block_sizes", [self.block_size])
+        if list(kernel) != [self.block_size]:
+            raise compat.UnsupportedVllmError(
+                f"--kv-eviction needs the attention kernel block size to equal the KV-cache block size "
+                f"(got {kernel} vs {self.block_size}); pass a --block-size the backend supports natively")
+        ctx = runner.compilation_config.static_forward_context
+        self.layer_names = list(groups[0].layer_names)
+        self.layers = [ctx[name] for name in self.layer_names]
+        first = self.layers[0]
+        self.num_kv_heads = first.num_kv_heads
+        self.num_heads = first.num_heads
+        self.head_size = first.head_size
+        self.dtype = runner.model_config.dtype
+        self.device = runner.device
+        self.layout = self._make_layout(first)
+        for layer in self.layers:
+            self.layout.check(layer.kv_cache)
+            if layer.kv_sharing_target_layer_name is not None:
+                raise compat.UnsupportedVllmError("--kv-eviction does not support KV-sharing layers")
+        self._o_proj: list[torch.Tensor | None] | None = None
+        self.offsets: dict[str, int] = {}
+        self.stash: dict[str, torch.Tensor] = {}  # request -> [layers, Hq, W, d] window queries
+        self.filled: dict[str, np.ndarray] = {}  # request -> [W] bool, which window rows arrived
+        self.capture: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # this step's rows
+        self.step_plan = None
+        self.pending_stats: dict[str, WorkerStats] = {}
+        self._install_query_hooks()
+
+    def _make_layout(self, layer) -> KVLayout:
+        backend = layer.attn_backend.get_name()
+        if backend == "CPU_ATTN":
+            return CpuLayout(self.block_size, self.num_kv_heads, self.head_size, layer.kv_cache.dtype,
+                             layer.impl.isa)
+        if layer.kv_cache.dim() == 5:
+            return GpuLayout(self.block_size, self.num_kv_heads, self.head_size)
+        raise compat.UnsupportedVllmError(f"--kv-eviction does not know the KV layout of backend {backend}")
+
+    # -- query capture --------------------------------------------------------------------------
+    def _install_query_hooks(self) -> None:
+        runner = self.runner
+        for index, layer in enumerate(self.layers):
+            impl = layer.impl
+            if getattr(impl, "_kvd_hooked", False):
+                continue
+            original = impl.forward
+
+            def forward(attn_layer, query, *args, _orig=original, _index=index, **kwargs):
+                result = _orig(attn_layer, query, *args, **kwargs)
+                ev = getattr(runner, "_kvd", None)
+                if ev is not None and ev.capture:
+                    ev.capture_queries(_index, query)
+                return result
+
+            impl.forward = forward
+            impl._kvd_hooked = True
+
+    def capture_queries(self, layer_index: int, query: torch.Tensor) -> None:
+        q = query.view(query.shape[0], self.num_heads, self.head_size)
+        for rid, rows, slots in self.capture:
+            self.stash[rid][layer_index][:, slots] = q[rows].transpose(0, 1).to(self.dtype)
+
+    # -- per step -------------------------------------------------------------------------------
+    def forget(self, request_ids) -> None:
+        for rid in request_ids:
+            self.offsets.pop(rid, None)
+            self.stash.pop(rid, None)
+            self.filled.pop(rid, None)
+
+    def before_update_states(self, so) -> None:
+        self.capture, self.step_plan = [], None
+        resumed = getattr(so.scheduled_cached_reqs, "resumed_req_ids", ()) or ()
+        self.forget(set(so.finished_req_ids) | set(so.preempted_req_ids or ()) | set(resumed))
+        for new in so.scheduled_new_reqs:  # a request id can come back (abort + resubmit)
+            self.forget((new.req_id,))
+
+    def after_prepare_inputs(self, so, num_scheduled_tokens: np.ndarray) -> None:
+        runner = self.runner
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        plan = getattr(so, STEP_ATTR, None)
+        self.step_plan = plan
+        if plan is not None and plan.windows:
+            for rid, (ws, we) in plan.windows.items():
+                row = batch.req_id_to_index.get(rid)
+                if row is None:
+                    continue
+                nc = int(batch.num_computed_tokens_cpu[row])
+                lo, hi = max(ws, nc), min(we, nc + int(num_scheduled_tokens[row]))
+                if lo >= hi:
+                    continue
+                if rid not in self.stash:
+                    self.stash[rid] = torch.zeros(len(self.layers), self.num_heads, we - ws, self.head_size,
+                                                  dtype=self.dtype, device=self.device)
+                    self.filled[rid] = np.zeros(we - ws, dtype=bool)
+                start = int(runner.query_start_loc.np[row])
+                rows = torch.arange(lo - nc + start, hi - nc + start, device=self.device)
+                slots = torch.arange(lo - ws, hi - ws, device=self.device)
+                self.filled[rid][lo - ws : hi - ws] = True
+                self.capture.append((rid, rows, slots))
+        if not self.offsets:
+            return
+        offs = np.array([self.offsets.get(rid, 0) for rid in batch.req_ids[:num_reqs]], dtype=np.int64)
+        if not offs.any():
+            return
+        total = so.total_num_scheduled_tokens
+        off_cpu = torch.from_numpy(offs)
+        off_dev = off_cpu.to(self.device, non_blocking=True)
+        token_req = runner.req_indices.gpu[:total]
+        physical = runner.positions[:total] - off_dev[token_req]
+        batch.block_table.compute_slot_mapping(num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
+        runner.seq_lens[:num_reqs] -= off_dev.to(runner.seq_lens.dtype)
+        runner.optimistic_seq_lens_cpu[:num_reqs] -= off_cpu.to(runner.optimistic_seq_lens_cpu.dtype)
+
+    def after_execute(self) -> None:
+        plan, self.step_plan, self.capture = self.step_plan, None, []
+        if plan is None or not plan.compactions:
+            return
+        with torch.inference_mode():
+            for rid, cp in plan.compactions.items():
+                self._compact(rid, cp)
+
+    # -- compaction -----------------------------------------------------------------------------
+    def o_proj_weights(self) -> list[torch.Tensor | None]:
+        """W_o [D, Hq*d] per layer for the value-norm weighting. vLLM's CPU path repacks linear
+        weights and drops `.weight`, so we read it back by pushing the identity through the
+        layer's own (non-reducing) GEMM."""
+        if self._o_proj is None:
+            model = self.runner.get_model()
+            width = self.num_heads * self.head_size
+            out = []
+            for name in self.layer_names:
+                parent = name.rpartition(".")[0]
+                try:
+                    o_proj = model.get_submodule(parent).o_proj
+                except AttributeError:
+                    out.append(None)
+                    continue
+                w = getattr(o_proj, "weight", None)
+                if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == width \
+                        and w.dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    out.append(w.detach())
+                    continue
+                with torch.inference_mode():
+                    eye = torch.eye(width, dtype=self.dtype, device=self.device)
+                    out.append(o_proj.quant_method.apply(o_proj, eye).t().contiguous())
+            if any(w is None for w in out):
+                logger.warning("o_proj not found for some layers: value-norm weighting uses 1 there")
+            self._o_proj = out
+        return self._o_proj
+
+    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end, device=self.device)
+        blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _compact(self, rid: str, cp: CompactionPlan) -> None:
+        runner = self.runner
+        state = runner.requests.get(rid)
+        if state is None:
+            return
+        cfg = EvictionConfig(**cp.config)
+        ctx, keep, tail, heads = cp.context_len, cp.keep, cp.tail, self.num_kv_heads
+        src_blocks = list(state.block_ids[0])
+        ctx_slots = self._slots(src_blocks, 0, ctx)
+        tail_slots = self._slots(src_blocks, ctx, ctx + tail)
+        dst_slots = self._slots(cp.dst_block_ids, 0, keep + tail).expand(heads, -1)
+        stats = WorkerStats()
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        try:
+            queries = self.stash.get(rid)
+            if queries is None or not self.filled[rid].all():
+                raise RuntimeError("observation-window queries were not all captured")
+            keep_idx = self._score(cfg, queries, ctx_slots, keep)
+        except Exception as e:  # blocks are already committed: fall back, never corrupt
+            logger.exception("KV scoring failed for request %s", rid)
+            stats.error = f"{type(e).__name__}: {e}"
+            keep_idx = [fallback_keep(cfg, ctx, heads, keep, self.device)] * len(self.layers)
+        sync()
+        t1 = time.perf_counter()
+        tail_rows = tail_slots.expand(heads, -1)
+        for layer, idx in zip(self.layers, keep_idx):
+            src = torch.cat([ctx_slots[idx], tail_rows], dim=1)
+            k, v = self.layout.gather(layer.kv_cache, src)
+            self.layout.scatter(layer.kv_cache, dst_slots, k, v)
+        sync()
+        t2 = time.perf_counter()
+        stats.score_ms, stats.compact_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        self.pending_stats[rid] = stats
+        if cp.record_keep_sets:
+            masks = []
+            for idx in keep_idx:
+                m = torch.zeros(heads, ctx + tail, dtype=torch.bool)
+                m[:, ctx:] = True
+                m.scatter_(1, idx.cpu(), True)
+                masks.append(m)
+            debug.record(rid, masks)
+        # The request now lives in the fresh blocks; its row follows.
+        state.block_ids = (list(cp.dst_block_ids),)
+        row = runner.input_batch.req_id_to_index.get(rid)
+        if row is not None:
+            runner.input_batch.block_table.add_row(state.block_ids, row)
+        self.offsets[rid] = cp.offset
+        self.stash.pop(rid, None)
+        self.filled.pop(rid, None)
+
+    def _score(self, cfg: EvictionConfig, queries: torch.Tensor, ctx_slots: torch.Tensor,
+               keep: int) -> list[torch.Tensor]:
+        heads = self.num_kv_heads
+        rows = ctx_slots.expand(heads, -1)
+        needs_values = cfg.method in ("criticalkv", "defensivekv", "layer_defensivekv")
+        weights = self.o_proj_weights() if needs_values else [None] * len(self.layers)
+        out = []
+        for i, layer in enumerate(self.layers):
+            k, v = self.layout.gather(layer.kv_cache, rows)
+            inp = LayerInputs(queries=queries[i], keys=k, values=v, o_proj_weight=weights[i],
+                              scale=layer.impl.scale)
+            out.append(select_keep(cfg, inp, keep).to(torch.long))
+        return out
+
+    def take_stats(self) -> dict[str, WorkerStats] | None:
+        stats, self.pending_stats = self.pending_stats, {}
+        return stats or None
+
+
+# --- patches on the V1 model runner -----------------------------------------------------------
+
+
+def install() -> None:
+    Runner = compat.GPU_MODEL_RUNNER.resolve()
+    AsyncOutput = compat.ASYNC_RUNNER_OUTPUT.resolve()
+    ModelRunnerOutput = compat.MODEL_RUNNER_OUTPUT.resolve()
+    empty = compat.EMPTY_MODEL_RUNNER_OUTPUT.resolve()
+
+    def initialize_kv_cache(orig):
+        def wrapper(self, kv_cache_config, *args, **kwargs):
+            orig(self, kv_cache_config, *args, **kwargs)
+            enabled = server_config(self.vllm_config.additional_config) is not None
+            self._kvd = WorkerEviction(self) if enabled else None
+
+        return wrapper
+
+    def update_states(orig):
+        def wrapper(self, scheduler_output):
+            if self._kvd is not None:
+                self._kvd.before_update_states(scheduler_output)
+            return orig(self, scheduler_output)
+
+        return wrapper
+
+    def prepare_inputs(orig):
+        def wrapper(self, scheduler_output, num_scheduled_tokens):
+            result = orig(self, scheduler_output, num_scheduled_tokens)
+            if self._kvd is not None:
+                self._kvd.after_prepare_inputs(scheduler_output, num_scheduled_tokens)
+            return result
+
+        return wrapper
+
+    def execute_model(orig):
+        def wrapper(self, scheduler_output, intermediate_tensors=None):
+            result = orig(self, scheduler_output, intermediate_tensors)
+            if self._kvd is not None:
+                self._kvd.after_execute()
+            return result
+
+        return wrapper
+
+    def sample_tokens(orig):
+        def wrapper(self, grammar_output):
+            result = orig(self, grammar_output)
+            if self._kvd is not None and self._kvd.pending_stats:
+                target = result._model_runner_output if isinstance(result, AsyncOutput) else result
+                if isinstance(target, ModelRunnerOutput) and target is not empty:
+                    setattr(target, STATS_ATTR, self._kvd.take_stats())
+            return result
+
+        return wrapper
+
+    Runner._kvd = None
+    compat.patch_method(compat.RUNNER_INIT_KV_CACHE, initialize_kv_cache)
+    compat.patch_method(compat.RUNNER_UPDATE_STATES, update_states)
+    compat.patch_method(compat.RUNNER_PREPARE_INPUTS, prepare_inputs)
+    compat.patch_method(compat.RUNNER_EXECUTE_MODEL, execute_model)
+    compat.patch_method(compat.RUNNER_SAMPLE_TOKENS, sample_tokens)

@@ -103,6 +103,11 @@ def install() -> None:
                 extra[ADDITIONAL_CONFIG_KEY] = merged
                 server_config(extra)  # fail now, with the flag's name
                 engine_args.additional_config = extra
+                # With --api-server-count > 1 the API-server processes re-read this same `args`
+                # object before plugins load in them; carrying the settings in
+                # args.additional_config lets vLLM's own --additional-config handling deliver them.
+                if hasattr(args, "additional_config"):
+                    args.additional_config = extra
             return engine_args
 
         return classmethod(from_args)

@@ -17,6 +17,8 @@ Public API
   paged_window_stats(queries, key_cache, block_table, seq_len, ...) -> policy WindowStats
   window_stats(queries, keys, ...)                 dense [Hkv, L, d] keys, same kernels
   paged_value_norms(value_cache, block_table, num_tokens, o_proj_weight) -> fp32 [Hkv, N]
+  value_norms(values, o_proj_weight)               dense [Hkv, N, d] values, same kernel
+  scoring_ops(impl=None) -> policy ScoringOps      these kernels as drop-ins for the policy methods
   value_norm_share(norms)                          share across KV heads (policy's)
   compact_kv(key_caches, value_caches, kept, src_block_table, dst_block_table=None)
   split_kv_cache(kv_cache) -> (key_cache, value_cache)
@@ -29,6 +31,9 @@ from collections.abc import Sequence
 
 import torch
 
+import functools
+
+from vllm_defensive.policy.methods import ScoringOps
 from vllm_defensive.policy.scoring import WindowStats, value_norm_share
 
 from . import torch_impl
@@ -36,7 +41,8 @@ from ._backend import backend, resolve, triton_available
 from .torch_impl import gather_paged
 
 __all__ = [
-    "backend", "triton_available", "paged_window_stats", "window_stats", "paged_value_norms",
+    "backend", "triton_available", "paged_window_stats", "window_stats", "paged_value_norms", "value_norms",
+    "scoring_ops",
     "value_norm_share", "compact_kv", "split_kv_cache", "gather_paged", "dense_as_paged", "WindowStats",
 ]
 
@@ -119,6 +125,19 @@ def paged_value_norms(value_cache: torch.Tensor, block_table: torch.Tensor, num_
     from . import _value_norm
 
     return _value_norm.value_norms(value_cache, block_table, num_tokens, o_proj_weight)
+
+
+def value_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+    """Drop-in for `policy.scoring.value_norms` on dense values [Hkv, N, d] (no copy)."""
+    cache, table = dense_as_paged(values)
+    return paged_value_norms(cache, table, values.shape[1], o_proj_weight, impl)
+
+
+def scoring_ops(impl: str | None = None) -> ScoringOps:
+    """The policy methods' heavy primitives served by these kernels: same results, no [Hq, W, L]
+    probabilities and no [Hq, L, D] value product. `impl` as everywhere here (None = by device)."""
+    return ScoringOps(window_stats=functools.partial(window_stats, impl=impl),
+                      value_norms=functools.partial(value_norms, impl=impl))
 
 
 def compact_kv(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor], kept: torch.Tensor,

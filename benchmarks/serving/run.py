@@ -112,6 +112,8 @@ def main():
     ap.add_argument("--extra", default="", help="extra vllm serve flags, e.g. '--load-format dummy'")
     ap.add_argument("--out", required=True)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--servers", default="plain,plugin",
+                    help="which servers to run, in order: plain (VLLM_PLUGINS=none) and/or plugin")
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +123,10 @@ def main():
     def save():
         out.write_text(json.dumps(doc, indent=1))
 
-    for plugin in (False, True):
+    wanted = [x.strip() for x in args.servers.split(",") if x.strip()]
+    if not wanted or set(wanted) - {"plain", "plugin"}:
+        ap.error(f"--servers takes plain and/or plugin, got {args.servers!r}")
+    for plugin in [w == "plugin" for w in wanted]:
         port = free_port()
         log_path = out.with_suffix(f".{'plugin' if plugin else 'plain'}.log")
         proc, cmd, start_s = start_server(args.model_dir, args.name, port, args.kv_bytes, args.max_model_len,

@@ -12,7 +12,11 @@ from collections.abc import Callable
 
 import torch
 
+from vllm.logger import init_logger
+
 from ..policy import EvictionConfig, LayerInputs, get_method
+
+logger = init_logger(__name__)
 
 Selector = Callable[[EvictionConfig, LayerInputs, int], torch.Tensor]
 
@@ -20,6 +24,24 @@ Selector = Callable[[EvictionConfig, LayerInputs, int], torch.Tensor]
 def policy_selector(config: EvictionConfig, layer: LayerInputs, keep: int) -> torch.Tensor:
     """[Hkv, keep] sorted kept context indices, the same count on every head."""
     return get_method(config).compress_uniform(layer, keep)
+
+
+def kernel_selector(config: EvictionConfig, layer: LayerInputs, keep: int) -> torch.Tensor:
+    """The same methods with window scoring and value norms on the fused kernels."""
+    from .. import triton_kernels
+
+    return get_method(config, triton_kernels.scoring_ops()).compress_uniform(layer, keep)
+
+
+def choose_selector(device: torch.device) -> str:
+    """Kernels where they run natively (CUDA + Triton), the policy library elsewhere (the CPU
+    build). `VLLM_DEFENSIVE_KERNELS=torch` forces the policy library (see triton_kernels)."""
+    from .. import triton_kernels
+
+    name = "triton" if device.type == "cuda" and triton_kernels.backend(device) == "triton" else "torch"
+    set_selector(kernel_selector if name == "triton" else None)
+    logger.info("KV eviction scoring runs on the %s path", name)
+    return name
 
 
 _selector: Selector = policy_selector

@@ -28,7 +28,7 @@ from . import compat, debug
 from .config import server_config
 from .layout import CpuLayout, GpuLayout, KVLayout
 from .plan import STATS_ATTR, STEP_ATTR, CompactionPlan, WorkerStats
-from .scoring import fallback_keep, select_keep
+from .scoring import choose_selector, fallback_keep, select_keep
 
 logger = init_logger(__name__)
 
@@ -68,6 +68,7 @@ class WorkerEviction:
         self.capture: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # this step's rows
         self.step_plan = None
         self.pending_stats: dict[str, WorkerStats] = {}
+        self.scoring_path = choose_selector(self.device)
         self._install_query_hooks()
 
     def _make_layout(self, layer) -> KVLayout:

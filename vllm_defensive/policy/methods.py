@@ -10,7 +10,7 @@ Two entry points:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +28,19 @@ from .selection import (
     uniform_counts,
     uniform_indices,
 )
+
+
+@dataclass(frozen=True)
+class ScoringOps:
+    """The two heavy scoring primitives a method calls. The defaults are the policy library's own
+    PyTorch functions (the reference); a fast path (e.g. `vllm_defensive.triton_kernels`) passes
+    drop-ins with the same signatures and results, leaving every method's logic untouched."""
+
+    window_stats: Callable = window_stats  # (queries, keys, pool_kernel, scale, probs_dtype, fix_window_bias)
+    value_norms: Callable = value_norms  # (values [Hkv, L, d], o_proj_weight [D, Hq*d]) -> fp32 [Hkv, L]
+
+
+REFERENCE_OPS = ScoringOps()
 
 
 @dataclass
@@ -69,8 +82,9 @@ class LayerScores:
 class EvictionMethod:
     name = "base"
 
-    def __init__(self, config: EvictionConfig | None = None):
+    def __init__(self, config: EvictionConfig | None = None, ops: ScoringOps | None = None):
         self.config = config or EvictionConfig(method=self.name if self.name != "base" else "defensivekv")
+        self.ops = ops or REFERENCE_OPS
 
     # -- pieces a method overrides ---------------------------------------------------------------
     def score_layer(self, inp: LayerInputs, per_head: int) -> LayerScores:
@@ -94,7 +108,7 @@ class EvictionMethod:
 
     def _window_stats(self, inp: LayerInputs):
         c = self.config
-        return window_stats(
+        return self.ops.window_stats(
             inp.queries, inp.keys, c.pool_kernel, inp.scale,
             None if c.probs_fp32 else inp.keys.dtype, c.fix_window_bias,
         )
@@ -186,10 +200,10 @@ class AdaKV(SnapKV):
         return adakv_counts(scored.key, per_head, self.config.alpha)
 
 
-def _norms_or_ones(inp: LayerInputs) -> torch.Tensor:
+def _norms_or_ones(ops: ScoringOps, inp: LayerInputs) -> torch.Tensor:
     if inp.values is None or inp.o_proj_weight is None:
         return torch.ones(inp.num_kv_heads, inp.context_len, device=inp.keys.device)
-    return value_norms(inp.values, inp.o_proj_weight)
+    return ops.value_norms(inp.values, inp.o_proj_weight)
 
 
 class CriticalKV(AdaKV):
@@ -200,7 +214,7 @@ class CriticalKV(AdaKV):
 
     def score_layer(self, inp, per_head):
         scored = super().score_layer(inp, per_head)
-        scored.extra["norms"] = _norms_or_ones(inp)
+        scored.extra["norms"] = _norms_or_ones(self.ops, inp)
         return scored
 
     def select_layer(self, inp, scored, counts):
@@ -225,7 +239,7 @@ class DefensiveKV(EvictionMethod):
         p = n - w
         stats = self._window_stats(inp)
         risk = prior_risk_floor(stats.defensive_max)  # [Hkv, P]
-        norms = _norms_or_ones(inp)[:, :p]
+        norms = _norms_or_ones(self.ops, inp)[:, :p]
         score = risk * value_norm_share(norms)
         top = score.max()
         # Stage 1: the head's leading tokens by unpooled attention mass, capped by the budget.
@@ -269,7 +283,7 @@ METHODS: dict[str, type[EvictionMethod]] = {
 }
 
 
-def get_method(config: EvictionConfig | str, **overrides) -> EvictionMethod:
+def get_method(config: EvictionConfig | str, ops: ScoringOps | None = None, **overrides) -> EvictionMethod:
     if isinstance(config, str):
         config = EvictionConfig(method=config, **overrides)
-    return METHODS[config.method](config)
+    return METHODS[config.method](config, ops)

@@ -1,0 +1,181 @@
+"""What one request's eviction costs in the engine step: the plugin's whole scoring path.
+
+The serving benchmark showed the plugin's prefill steps stalled by scoring. This times exactly
+what `integration.worker.WorkerEviction._score` runs for one request after its prefill, for every
+layer: gather the context K/V out of the paged cache, score with the method, select the same
+count per KV head (`integration.scoring.select_keep`), on the two selectors the worker can use:
+
+  torch    the policy library (`policy_selector`): materialises the [Hq, W, L] window
+           probabilities and the [Hq, L, D] value product
+  triton   the same methods on the fused kernels (`kernel_selector`, the default on CUDA)
+
+Shapes: Qwen2.5-0.5B (24 layers, 14/2 heads, d 64, hidden 896) and Llama-3.1-8B (32 layers, 32/8,
+d 128, hidden 4096), bf16, window 32, budget 0.2. Writes scoring_path.json and scoring_path.png.
+Needs the package installed (`pip install -e .`); run it from outside the checkout, whose
+top-level `triton_kernels/` folder would shadow OpenAI's package of that name inside vLLM.
+
+    python benchmarks/scoring_path.py --out benchmarks/results/scoring      # GPU
+    python benchmarks/scoring_path.py --out /tmp/x --tokens 512 --layers 2   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from importlib.metadata import version
+
+import torch
+
+from vllm_defensive.policy import EvictionConfig, LayerInputs
+
+SHAPES = {
+    "qwen05b": dict(hq=14, hkv=2, d=64, hidden=896, layers=24),
+    "llama8b": dict(hq=32, hkv=8, d=128, hidden=4096, layers=32),
+}
+BLOCK = 16
+
+
+def make_request(shape: dict, tokens: int, layers: int, device, dtype=torch.bfloat16, window=32):
+    """Paged K/V of one request (shuffled blocks, FlashAttention layout), window queries, W_o."""
+    g = torch.Generator(device="cpu").manual_seed(tokens)
+    nblk = -(-tokens // BLOCK)
+    table = torch.randperm(nblk * 2, generator=g)[:nblk].to(device)
+    out = []
+    for _ in range(layers):
+        cache = torch.randn(nblk * 2, 2, BLOCK, shape["hkv"], shape["d"], generator=g).to(device, dtype)
+        q = torch.randn(shape["hq"], window, shape["d"], generator=g).to(device, dtype)
+        wo = (torch.randn(shape["hidden"], shape["hq"] * shape["d"], generator=g) * 0.02).to(device, dtype)
+        out.append((cache, q, wo))
+    t = torch.arange(tokens, device=device)
+    slots = table[t // BLOCK] * BLOCK + t % BLOCK
+    return out, slots
+
+
+def score_request(layers, slots, cfg: EvictionConfig, keep: int, hkv: int):
+    """The worker's loop: per layer gather K/V by slot, then select_keep."""
+    from vllm_defensive.integration.scoring import select_keep
+
+    rows = slots.expand(hkv, -1)
+    kept = []
+    for cache, q, wo in layers:
+        flat = cache.transpose(0, 1).reshape(2, -1, hkv, cache.shape[-1])  # [2, slots, Hkv, d]
+        heads = torch.arange(hkv, device=slots.device).view(hkv, 1).expand_as(rows)
+        k, v = flat[0][rows, heads], flat[1][rows, heads]  # [Hkv, N, d]
+        kept.append(select_keep(cfg, LayerInputs(q, k, v, wo), keep))
+    return kept
+
+
+def timed(fn, repeat: int, sync) -> tuple[float, float]:
+    fn()
+    sync()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    ts = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if torch.cuda.is_available() else 0.0
+    ts.sort()
+    return ts[len(ts) // 2] * 1e3, peak
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--methods", nargs="+", default=["snapkv", "criticalkv", "defensivekv"])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (smoke runs); times are scaled up")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    from vllm_defensive.integration import scoring
+    from vllm_defensive import triton_kernels as tk
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    selectors = {"torch": scoring.policy_selector}
+    if cuda and tk.backend(device) == "triton":
+        selectors["triton"] = scoring.kernel_selector
+    rows = []
+    for shape_name in args.shapes:
+        shape = SHAPES[shape_name]
+        n_layers = args.layers or shape["layers"]
+        for tokens in args.tokens:
+            layers, slots = make_request(shape, tokens, n_layers, device)
+            for method in args.methods:
+                cfg = EvictionConfig(method=method, budget=0.2)
+                keep = cfg.keep_per_head(tokens)
+                results, kept = {}, {}
+                for name, fn in selectors.items():
+                    scoring.set_selector(fn)
+                    try:
+                        ms, peak = timed(lambda: score_request(layers, slots, cfg, keep, shape["hkv"]), args.repeat, sync)
+                        kept[name] = score_request(layers, slots, cfg, keep, shape["hkv"])
+                    except torch.OutOfMemoryError:
+                        ms, peak = None, None
+                    finally:
+                        scoring.set_selector(None)
+                    scale = shape["layers"] / n_layers
+                    results[name] = {"request_ms": ms and ms * scale, "peak_extra_mb": peak}
+                agree = None
+                if len(kept) == 2:  # keep-set agreement (bf16 ties may reorder a few tokens)
+                    a, b = kept["torch"], kept["triton"]
+                    same = sum(len(set(x[h].tolist()) & set(y[h].tolist())) for x, y in zip(a, b) for h in range(x.shape[0]))
+                    agree = same / sum(x.numel() for x in a)
+                row = {"shape": shape_name, "tokens": tokens, "method": method, "layers": shape["layers"],
+                       "keep_per_head": keep, "selectors": results, "keep_set_overlap": agree}
+                if results.get("triton", {}).get("request_ms") and results["torch"]["request_ms"]:
+                    row["speedup"] = results["torch"]["request_ms"] / results["triton"]["request_ms"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del layers
+            if cuda:
+                torch.cuda.empty_cache()
+    vers = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("vllm", "triton"):
+        try:
+            vers[pkg] = version(pkg)
+        except Exception:
+            pass
+    doc = {"device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.machine()})", "versions": vers,
+           "command": " ".join(sys.argv), "what": "one request's scoring in the engine step (all layers, budget 0.2, "
+           "window 32, bf16, paged block size 16): gather + score + select, median of --repeat", "runs": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "scoring_path.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    plot(doc, os.path.join(args.out, "scoring_path.png"))
+
+
+def plot(doc, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = doc["runs"]
+    labels = [f"{r['shape']}\n{r['tokens'] // 1024}K {r['method']}" for r in runs]
+    x = range(len(runs))
+    fig, ax = plt.subplots(figsize=(max(8, len(runs) * 0.9), 4.5))
+    for off, name in ((-0.2, "torch"), (0.2, "triton")):
+        ys = [(r["selectors"].get(name) or {}).get("request_ms") or 0 for r in runs]
+        ax.bar([i + off for i in x], ys, width=0.4, label=f"{name} selector")
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per request (all layers)")
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_title(f"Eviction scoring per request, {doc['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -43,6 +43,14 @@ def set_server(vllm_config) -> None:
     _server = server_config(vllm_config.additional_config)
     mc = vllm_config.model_config
     _model_name = str(getattr(mc, "served_model_name", None) or getattr(mc, "model", ""))
+    if _server is not None:
+        # create the series at zero now, so dashboards read 0 (not "no data") before traffic
+        try:
+            from ..observability.metrics import install_metrics
+
+            install_metrics(_model_name, [_server.defaults().method])
+        except Exception:  # metrics must never stop the server
+            logger.exception("installing the eviction metrics failed")
 
 
 # --- request validation -----------------------------------------------------------------------

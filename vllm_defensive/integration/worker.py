@@ -69,6 +69,8 @@ class WorkerEviction:
         self.step_plan = None
         self.pending_stats: dict[str, WorkerStats] = {}
         self.scoring_path = choose_selector(self.device)
+        if self.scoring_path == "triton":
+            self._warm_up_kernels()
         self._install_query_hooks()
 
     def _make_layout(self, layer) -> KVLayout:
@@ -79,6 +81,24 @@ class WorkerEviction:
         if layer.kv_cache.dim() == 5:
             return GpuLayout(self.block_size, self.num_kv_heads, self.head_size)
         raise compat.UnsupportedVllmError(f"--kv-eviction does not know the KV layout of backend {backend}")
+
+    def _warm_up_kernels(self) -> None:
+        """JIT-compile the scoring kernels at start-up for this model's shapes and dtype, so the
+        first requests do not pay seconds of Triton compilation inside an engine step. Triton
+        specialises integer arguments on divisibility by 16: warm both kinds of length."""
+        t0 = time.perf_counter()
+        weights = self.o_proj_weights()
+        window = self.server.window
+        with torch.inference_mode():
+            for n in (4 * window + 64, 4 * window + 67):
+                q = torch.randn(self.num_heads, window, self.head_size, dtype=self.dtype, device=self.device)
+                k = torch.randn(self.num_kv_heads, n, self.head_size, dtype=self.dtype, device=self.device)
+                inp = LayerInputs(q, k, k.clone(), weights[0], self.layers[0].impl.scale)
+                for method in ("snapkv", "defensivekv"):
+                    select_keep(EvictionConfig(method=method, window=window, budget=0.5), inp, n // 2)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        logger.info("KV eviction kernels warmed up in %.1f s", time.perf_counter() - t0)
 
     # -- query capture --------------------------------------------------------------------------
     def _install_query_hooks(self) -> None:

@@ -61,16 +61,6 @@ def llm():
     debug.clear()
 
 
-@pytest.fixture(scope="module")
-def tok(llm):
-    return llm.get_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def pool_start(llm):
-    return free_blocks(llm)
-
-
 def test_gpu_budget_one_matches_plain(llm, tok, pool_start):
     prompts = [essay_ids(tok, n, 3000 * i) for i, n in enumerate((300, 777, 1500, 2900))]
     # Same batch, same (empty) prefix cache: bf16 kernels see the same shapes both times.

@@ -25,16 +25,6 @@ def llm():
     debug.clear()
 
 
-@pytest.fixture(scope="module")
-def tok(llm):
-    return llm.get_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def pool_start(llm):
-    return block_pool(llm).get_num_free_blocks()
-
-
 def run_one(llm, request_id, prompt, sp):
     llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt}, sp)
     return run_until_done(llm)[request_id]

@@ -28,16 +28,6 @@ def llm():
     debug.clear()
 
 
-@pytest.fixture(scope="module")
-def tok(llm):
-    return llm.get_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def pool_start(llm):
-    return block_pool(llm).get_num_free_blocks()
-
-
 def keep_sets_of(output):
     keep = debug.find(output.request_id)
     assert keep is not None, f"no keep sets recorded for {output.request_id}"

@@ -148,15 +148,38 @@ def test_defensive_prefers_worst_case_tokens_over_mean_ones():
     queries = torch.randn(1, w, d) * 0.01
     spike = torch.zeros(d)
     spike[0] = 1.0
-    keys[0, 7] = spike * 8
-    queries[0, 0] = spike * 8  # only window row 0 attends to token 7
-    keys[0, 20:26] = torch.randn(6, d) * 0.01 + 0.3  # mildly attractive to every row
-    queries[0, 1:] += 0.3
+    keys[0, 7] = spike * 2
+    queries[0, 0] = spike * 2  # only window row 0 attends to token 7
+    keys[0, 20:26] = torch.randn(6, d) * 0.01 + 0.5  # attractive to every other row
+    queries[0, 1:] += 0.5
     layer = LayerInputs(queries, keys)
     snap = get_method(EvictionConfig(method="snapkv", budget_tokens=6, window=w, pool_kernel=1)).compress_uniform(layer)
-    dfn = get_method(EvictionConfig(method="defensivekv", budget_tokens=6, window=w, pool_kernel=1)).compress_uniform(layer)
-    assert 7 in dfn[0].tolist()
-    assert 7 not in snap[0].tolist() or dfn[0].tolist() != snap[0].tolist()
+    assert 7 not in snap[0].tolist()
+    for floor in (False, True):
+        cfg = EvictionConfig(method="defensivekv", budget_tokens=6, window=w, pool_kernel=1, uniform_floor=floor)
+        assert 7 in get_method(cfg).compress_uniform(layer)[0].tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_uniform_defensive_ranks_below_the_floor_by_raw_risk(seed):
+    """Same count per head: the unforced picks are the top unfloored scores (risk x value-norm
+    share); with `uniform_floor` the floored ones, where tokens below the mean tie."""
+    (layer,) = make_layers(1, 4, 2, 300, 8, seed=seed)
+    k = 60
+    for floor in (False, True):
+        m = get_method(EvictionConfig(method="defensivekv", budget_tokens=k, window=8, uniform_floor=floor))
+        scored = m.score_layer(layer, k)
+        kept = m.compress_uniform(layer, k)
+        p = scored.extra["raw"].shape[1]
+        ranking = scored.extra["raw"] if not floor else scored.scores[:, :p]
+        for h in range(2):
+            forced = scored.forced[h, :p].nonzero().flatten().tolist()
+            free = [t for t in kept[h].tolist() if t < p and t not in forced]
+            cand = ranking[h].clone()
+            cand[scored.forced[h, :p]] = -1
+            best = cand.topk(len(free)).values
+            got = ranking[h, free].sort(descending=True).values
+            assert torch.allclose(got, best), (floor, h)
 
 
 def test_adakv_alpha_floor_and_total():

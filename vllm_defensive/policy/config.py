@@ -35,6 +35,9 @@ class EvictionConfig(BaseModel):
     critical_stage1_fraction: float = Field(0.5, ge=0, le=1)
     probs_fp32: bool = Field(False, description="keep window probabilities in fp32 (official: model dtype)")
     fix_window_bias: bool = Field(False, description="measure window bias on the window (official: last prefix W)")
+    uniform_floor: bool = Field(
+        False, description="DefensiveKV with the same count on every head: rank each head's tokens by "
+        "the floored risk (True, the head-wise score taken literally) or the unfloored one (False)")
 
     @field_validator("method", mode="before")
     @classmethod

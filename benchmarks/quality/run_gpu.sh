@@ -50,6 +50,7 @@ DEADLINE=${DEADLINE:-540}
 PREFIX_CACHING=${PREFIX_CACHING:-1}
 GPU_MEM_UTIL=${GPU_MEM_UTIL:-0.85}
 DATA=${DATA:-tmp/quality-data}
+[[ $DATA == /* ]] || DATA="$ROOT/$DATA"  # the eval runs from / (see cmd_eval)
 WORK=${WORK:-/tmp/kvd-quality}
 RESULTS=${RESULTS:-benchmarks/results/quality}
 

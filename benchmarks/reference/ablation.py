@@ -11,6 +11,7 @@ retention (share of the needle's (layer, KV head, token) entries kept) per varia
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -49,6 +50,17 @@ def parse_variant(spec: str):
     return name, method, alloc != "native", fields
 
 
+def variant_keep_sets(pre, variant, budget: float):
+    """Keep masks of one parsed variant on a captured prefill. `no_value_norm=True` is a switch of
+    these scripts (not an EvictionConfig field): the layers are scored without their values."""
+    name, method, uniform, fields = variant
+    fields = dict(fields)
+    if fields.pop("no_value_norm", False):
+        pre = dataclasses.replace(pre, layers=[dataclasses.replace(x, values=None) for x in pre.layers])
+    cfg = EvictionConfig(method=method, budget=1.0 if method == "none" else budget, **fields)
+    return keep_sets_from(pre, cfg, uniform=uniform)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
@@ -76,9 +88,9 @@ def main(argv=None):
         needle = torch.arange(at - 12, at + len(digits))  # "...essays is NNNNNNN"
         pre = prefill(model, ids, context_len=len(ids), window=32)
         row = {"tokens": len(ids), "depth": depth, "variants": {}}
-        for name, method, uniform, fields in variants:
-            cfg = EvictionConfig(method=method, budget=args.budget, **fields)
-            keep = keep_sets_from(pre, cfg, uniform=uniform)
+        for variant in variants:
+            name = variant[0]
+            keep = variant_keep_sets(pre, variant, args.budget)
             retained = torch.stack([m[:, needle].float().mean() for m in keep]).mean().item()
             text = tok.decode(decode(model, pre, 12, keep))
             row["variants"][name] = {"hit": str(number) in text, "needle_retained": retained, "text": text}

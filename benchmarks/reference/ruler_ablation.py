@@ -10,7 +10,6 @@ keep sets greedily and scores with RULER's metrics. Variants as in ablation.py.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -20,13 +19,12 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ablation import parse_variant  # noqa: E402
+from ablation import parse_variant, variant_keep_sets  # noqa: E402
 
 from vllm_defensive.evaluation.metrics import score  # noqa: E402
 from vllm_defensive.evaluation.tasks import cache_path, read_cached, tokenizer_fingerprint  # noqa: E402
 from vllm_defensive.models import ensure_model  # noqa: E402
-from vllm_defensive.policy import EvictionConfig  # noqa: E402
-from vllm_defensive.reference import decode, keep_sets_from, load_model, prefill  # noqa: E402
+from vllm_defensive.reference import decode, load_model, prefill  # noqa: E402
 
 VARIANTS = [
     "none=none",
@@ -35,8 +33,7 @@ VARIANTS = [
     "defensivekv-no-value-norm=defensivekv,no_value_norm=True",
     "criticalkv=criticalkv",
 ]
-# `no_value_norm=True` is this script's own switch (not an EvictionConfig field): the layers are
-# scored without their values, so the value-norm factor is 1.
+# `no_value_norm=True`: see ablation.variant_keep_sets.
 
 
 def main(argv=None):
@@ -66,13 +63,9 @@ def main(argv=None):
         ids = tok(s.prompt, add_special_tokens=True)["input_ids"]
         pre = prefill(model, ids, context_len=len(ids), window=32)
         row = {"task": s.task, "index": s.index, "tokens": len(ids), "scores": {}}
-        for name, method, uniform, fields in variants:
-            fields = dict(fields)
-            source = pre
-            if fields.pop("no_value_norm", False):
-                source = dataclasses.replace(pre, layers=[dataclasses.replace(x, values=None) for x in pre.layers])
-            cfg = EvictionConfig(method=method, budget=1.0 if method == "none" else args.budget, **fields)
-            keep = keep_sets_from(source, cfg, uniform=uniform)
+        for variant in variants:
+            name = variant[0]
+            keep = variant_keep_sets(pre, variant, args.budget)
             text = tok.decode(decode(model, pre, min(args.max_new_tokens, s.max_new_tokens), keep))
             row["scores"][name] = score(s.metric, text, s.outputs)
         rows.append(row)

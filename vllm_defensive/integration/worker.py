@@ -70,7 +70,10 @@ class WorkerEviction:
         self.pending_stats: dict[str, WorkerStats] = {}
         self.scoring_path = choose_selector(self.device)
         if self.scoring_path == "triton":
-            self._warm_up_kernels()
+            try:
+                self._warm_up_kernels()
+            except Exception:  # an optimisation only: never keep the engine from starting
+                logger.exception("warming up the eviction kernels failed; they will compile on first use")
         self._install_query_hooks()
 
     def _make_layout(self, layer) -> KVLayout:

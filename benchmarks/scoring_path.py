@@ -56,15 +56,16 @@ def make_request(shape: dict, tokens: int, layers: int, device, dtype=torch.bflo
 
 
 def score_request(layers, slots, cfg: EvictionConfig, keep: int, hkv: int):
-    """The worker's loop: per layer gather K/V by slot, then select_keep."""
+    """The worker's loop (`WorkerEviction._score`): per layer gather K/V by slot with the GPU
+    layout's own gather, then select_keep."""
+    from vllm_defensive.integration.layout import GpuLayout
     from vllm_defensive.integration.scoring import select_keep
 
     rows = slots.expand(hkv, -1)
+    layout = GpuLayout(BLOCK, hkv, layers[0][0].shape[-1])
     kept = []
     for cache, q, wo in layers:
-        flat = cache.transpose(0, 1).reshape(2, -1, hkv, cache.shape[-1])  # [2, slots, Hkv, d]
-        heads = torch.arange(hkv, device=slots.device).view(hkv, 1).expand_as(rows)
-        k, v = flat[0][rows, heads], flat[1][rows, heads]  # [Hkv, N, d]
+        k, v = layout.gather(cache, rows)  # [Hkv, N, d] each
         kept.append(select_keep(cfg, LayerInputs(q, k, v, wo), keep))
     return kept
 

@@ -27,11 +27,10 @@ Public API
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
-
-import functools
 
 from vllm_defensive.policy.methods import ScoringOps
 from vllm_defensive.policy.scoring import WindowStats, value_norm_share

@@ -8,6 +8,7 @@ replaces it with `set_selector(fn)`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -26,11 +27,16 @@ def policy_selector(config: EvictionConfig, layer: LayerInputs, keep: int) -> to
     return get_method(config).compress_uniform(layer, keep)
 
 
-def kernel_selector(config: EvictionConfig, layer: LayerInputs, keep: int) -> torch.Tensor:
-    """The same methods with window scoring and value norms on the fused kernels."""
+@functools.cache
+def _kernel_ops():
     from .. import triton_kernels
 
-    return get_method(config, triton_kernels.scoring_ops()).compress_uniform(layer, keep)
+    return triton_kernels.scoring_ops()
+
+
+def kernel_selector(config: EvictionConfig, layer: LayerInputs, keep: int) -> torch.Tensor:
+    """The same methods with window scoring and value norms on the fused kernels."""
+    return get_method(config, _kernel_ops()).compress_uniform(layer, keep)
 
 
 def choose_selector(device: torch.device) -> str:

@@ -268,10 +268,8 @@ class DefensiveKV(EvictionMethod):
         `uniform_floor`; above the mean nothing changes. Stage-1 and window tokens stay forced."""
         if self.config.uniform_floor:
             return scored
-        raw = scored.extra["raw"]
-        p = raw.shape[1]
-        raw = raw.masked_fill(scored.forced[:, :p], float(scored.scores.max()))
-        scores = torch.cat([raw, scored.scores[:, p:]], dim=-1)
+        raw = scored.extra["raw"]  # forced tokens need no score: ranking_key puts them first
+        scores = torch.cat([raw, scored.scores[:, raw.shape[1]:]], dim=-1)
         return LayerScores(scores, scored.forced, scored.extra, scored.protected)
 
     def head_counts(self, scored, per_head):

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from niah import QUESTION, build_prompt, haystack_text  # noqa: E402
+from niah import QUESTION, build_prompt, haystack_text, machine  # noqa: E402
 
 from vllm_defensive.models import ensure_model  # noqa: E402
 from vllm_defensive.policy import EvictionConfig  # noqa: E402
@@ -102,6 +102,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"what": "DefensiveKV ablation, NIAH through the HF reference path (query-aware), CPU fp32",
+           **machine(),
            "model": args.model, "budget": args.budget, "variants": args.variants, "summary": summary,
            "samples": rows, "wall_s": round(time.time() - t0, 1), "command": " ".join(sys.argv)}
     (out / f"ablation_{args.model}_b{args.budget}.json").write_text(json.dumps(doc, indent=1))

@@ -43,6 +43,13 @@ def build_prompt(tok, hay_ids, n_tokens, depth, number):
     return body[:at] + needle + body[at:], len(q)
 
 
+def machine() -> dict:
+    """Device and versions for every result file of these scripts."""
+    return {"device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+            "versions": {"torch": torch.__version__, "transformers": version("transformers"),
+                         "python": sys.version.split()[0]}}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
@@ -83,9 +90,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     doc = {
         "what": "NIAH accuracy through the HF reference path (query-aware: question inside the window)",
-        "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "versions": {"torch": torch.__version__, "transformers": version("transformers"),
-                     "python": sys.version.split()[0]},
+        **machine(),
         "model": args.model, "budget": args.budget, "prompts": args.prompts,
         "token_range": [args.min_tokens, args.max_tokens], "seed": args.seed,
         "accuracy": summary, "samples": results, "wall_s": round(time.time() - t0, 1),

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ablation import parse_variant, variant_keep_sets  # noqa: E402
+from niah import machine  # noqa: E402
 
 from vllm_defensive.evaluation.metrics import score  # noqa: E402
 from vllm_defensive.evaluation.tasks import cache_path, read_cached, tokenizer_fingerprint  # noqa: E402
@@ -74,6 +75,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"what": "RULER through the HF reference path, query-aware, CPU fp32; DefensiveKV ablation",
+           **machine(),
            "model": args.model, "length": args.length, "budget": args.budget, "tasks": args.tasks,
            "variants": args.variants, "summary": summary, "samples": rows, "wall_s": round(time.time() - t0, 1),
            "command": " ".join(sys.argv)}

@@ -3,11 +3,14 @@
 The serving benchmark showed the plugin's prefill steps stalled by scoring. This times exactly
 what `integration.worker.WorkerEviction._score` runs for one request after its prefill, for every
 layer: gather the context K/V out of the paged cache, score with the method, select the same
-count per KV head (`integration.scoring.select_keep`), on the two selectors the worker can use:
+count per KV head (`integration.scoring.select_keep`: measure per layer, then one batched
+selection for all layers), on the two selectors the worker can use:
 
   torch    the policy library (`policy_selector`): materialises the [Hq, W, L] window
            probabilities and the [Hq, L, D] value product
   triton   the same methods on the fused kernels (`kernel_selector`, the default on CUDA)
+  triton_layer_by_layer   the kernels, but each layer scored and selected on its own (what the
+           worker did before the batched selection)
 
 Shapes: Qwen2.5-0.5B (24 layers, 14/2 heads, d 64, hidden 896) and Llama-3.1-8B (32 layers, 32/8,
 d 128, hidden 4096), bf16, window 32, budget 0.2. Writes scoring_path.json and scoring_path.png.
@@ -30,7 +33,7 @@ from importlib.metadata import version
 
 import torch
 
-from vllm_defensive.policy import EvictionConfig, LayerInputs
+from vllm_defensive.policy import EvictionConfig, LayerInputs, get_method
 
 SHAPES = {
     "qwen05b": dict(hq=14, hkv=2, d=64, hidden=896, layers=24),
@@ -56,18 +59,20 @@ def make_request(shape: dict, tokens: int, layers: int, device, dtype=torch.bflo
 
 
 def score_request(layers, slots, cfg: EvictionConfig, keep: int, hkv: int):
-    """The worker's loop (`WorkerEviction._score`): per layer gather K/V by slot with the GPU
-    layout's own gather, then select_keep."""
+    """The worker's path (`WorkerEviction._score`): a generator gathers each layer's K/V by slot
+    with the GPU layout's own gather when the method measures it; one batched selection."""
     from vllm_defensive.integration.layout import GpuLayout
     from vllm_defensive.integration.scoring import select_keep
 
     rows = slots.expand(hkv, -1)
     layout = GpuLayout(BLOCK, hkv, layers[0][0].shape[-1])
-    kept = []
-    for cache, q, wo in layers:
-        k, v = layout.gather(cache, rows)  # [Hkv, N, d] each
-        kept.append(select_keep(cfg, LayerInputs(q, k, v, wo), keep))
-    return kept
+
+    def inputs():
+        for cache, q, wo in layers:
+            k, v = layout.gather(cache, rows)  # [Hkv, N, d] each
+            yield LayerInputs(q, k, v, wo)
+
+    return select_keep(cfg, inputs(), keep, (len(layers), hkv, slots.numel()), slots.device)
 
 
 def timed(fn, repeat: int, sync) -> tuple[float, float]:
@@ -106,6 +111,12 @@ def main():
     selectors = {"torch": scoring.policy_selector}
     if cuda and tk.backend(device) == "triton":
         selectors["triton"] = scoring.kernel_selector
+
+        def triton_layer_by_layer(config, layers, keep):  # the same, scored and selected per layer
+            method = get_method(config, tk.scoring_ops())
+            return torch.stack([method.compress_uniform(x, keep) for x in layers])
+
+        selectors["triton_layer_by_layer"] = triton_layer_by_layer
     rows = []
     for shape_name in args.shapes:
         shape = SHAPES[shape_name]
@@ -128,12 +139,14 @@ def main():
                     scale = shape["layers"] / n_layers
                     results[name] = {"request_ms": ms and ms * scale, "peak_extra_mb": peak}
                 agree = None
-                if len(kept) == 2:  # keep-set agreement (bf16 ties may reorder a few tokens)
+                if "triton" in kept and "torch" in kept:  # keep-set agreement (bf16 ties may reorder a few)
                     a, b = kept["torch"], kept["triton"]
                     same = sum(len(set(x[h].tolist()) & set(y[h].tolist())) for x, y in zip(a, b) for h in range(x.shape[0]))
                     agree = same / sum(x.numel() for x in a)
                 row = {"shape": shape_name, "tokens": tokens, "method": method, "layers": shape["layers"],
                        "keep_per_head": keep, "selectors": results, "keep_set_overlap": agree}
+                if "triton_layer_by_layer" in kept and "triton" in kept:
+                    row["batched_equals_layer_by_layer"] = bool(torch.equal(kept["triton"], kept["triton_layer_by_layer"]))
                 if results.get("triton", {}).get("request_ms") and results["torch"]["request_ms"]:
                     row["speedup"] = results["torch"]["request_ms"] / results["triton"]["request_ms"]
                 rows.append(row)
@@ -166,9 +179,11 @@ def plot(doc, path):
     labels = [f"{r['shape']}\n{r['tokens'] // 1024}K {r['method']}" for r in runs]
     x = range(len(runs))
     fig, ax = plt.subplots(figsize=(max(8, len(runs) * 0.9), 4.5))
-    for off, name in ((-0.2, "torch"), (0.2, "triton")):
+    names = [n for n in ("torch", "triton_layer_by_layer", "triton") if any(n in r["selectors"] for r in runs)]
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
         ys = [(r["selectors"].get(name) or {}).get("request_ms") or 0 for r in runs]
-        ax.bar([i + off for i in x], ys, width=0.4, label=f"{name} selector")
+        ax.bar([i + (j - (len(names) - 1) / 2) * width for i in x], ys, width=width, label=name)
     ax.set_yscale("log")
     ax.set_ylabel("ms per request (all layers)")
     ax.set_xticks(list(x), labels, fontsize=7)

@@ -135,7 +135,7 @@ def value_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, impl: str | N
 def scoring_ops(impl: str | None = None) -> ScoringOps:
     """The policy methods' heavy primitives served by these kernels: same results, no [Hq, W, L]
     probabilities and no [Hq, L, D] value product. `impl` as everywhere here (None = by device)."""
-    return ScoringOps(window_stats=functools.partial(window_stats, impl=impl),
+    return ScoringOps(window_stats=functools.partial(window_stats, window_bias_as_tensor=True, impl=impl),
                       value_norms=functools.partial(value_norms, impl=impl))
 
 

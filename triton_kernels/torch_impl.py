@@ -36,7 +36,7 @@ def window_stats(queries, key_cache, block_table, seq_len, pool_kernel=5, scale=
     keys = gather_paged(key_cache, block_table, seq_len)
     st = scoring.window_stats(queries, keys, pool_kernel, scale, probs_dtype, fix_window_bias)
     if window_bias_as_tensor:
-        st.window_bias = torch.tensor(st.window_bias, dtype=torch.float32, device=queries.device)
+        st.window_bias = torch.as_tensor(st.window_bias, dtype=torch.float32, device=queries.device)
     return st
 
 

@@ -17,22 +17,47 @@ import matplotlib.pyplot as plt  # noqa: E402
 OUT = Path(__file__).resolve().parents[1] / "results" / "serving"
 KEYS = ("model", "workload", "arrival", "method", "budget", "output_tok_s", "req_s", "mean_running",
         "peak_running", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "peak_kv_usage",
-        "eviction_seconds_sum", "failed")
+        "eviction_seconds_sum", "failed", "requests", "wall_s")
+
+
+def prefill_bounds(runs: list[dict]) -> list[dict]:
+    """The most any eviction method can gain on a burst workload: plain vLLM's wall time on it over
+    its wall time on the same prompts with one output token (prefill only, which eviction cannot
+    shorten; scoring only adds to it)."""
+    out = []
+    for r in runs:
+        if r["method"] != "plain" or r["arrival"] != "burst" or r["workload"].endswith("-1"):
+            continue
+        prefill = next((x for x in runs if x["method"] == "plain" and x["model"] == r["model"]
+                        and x["arrival"] == "burst" and x["requests"] == r["requests"]
+                        and x["workload"] == r["workload"].split("-")[0] + "-1"), None)
+        if prefill and prefill.get("wall_s") and r.get("wall_s"):
+            out.append({"model": r["model"], "workload": r["workload"], "requests": r["requests"],
+                        "plain_wall_s": r["wall_s"], "prefill_only_wall_s": prefill["wall_s"],
+                        "max_throughput_vs_plain": round(r["wall_s"] / prefill["wall_s"], 2)})
+    return out
 
 
 def main(paths: list[str]) -> None:
     docs = [json.loads(Path(p).read_text()) for p in paths if not Path(p).name.startswith(("summary", "concurrency"))]
-    docs = [d for d in docs if "runs" in d and "servers" in d]
+    docs = sorted((d for d in docs if "runs" in d and "servers" in d), key=lambda d: d.get("date", ""))
     runs = [{k: r.get(k) for k in KEYS} for d in docs for r in d["runs"]]
+    # a model's runs may come from several files (re-runs): the newest file's run of a
+    # configuration wins
+    latest = {}
+    for r in runs:
+        latest[(r["model"], r["workload"], r["arrival"], r["method"], r["budget"])] = r
+    runs = list(latest.values())
     for r in runs:  # ratios against plain vLLM on the same model / workload / arrival
         base = next((x for x in runs if x["method"] == "plain" and all(x[k] == r[k] for k in ("model", "workload", "arrival"))), None)
         if base and base["output_tok_s"]:
             r["throughput_vs_plain"] = round(r["output_tok_s"] / base["output_tok_s"], 3)
             r["ttft_p50_vs_plain"] = round(r["ttft_p50_ms"] / base["ttft_p50_ms"], 3) if base["ttft_p50_ms"] else None
+    bounds = prefill_bounds(runs)
     meta = {"device": docs[0]["device"], "versions": docs[0]["versions"],
             "commands": [d["command"] for d in docs], "servers": [s for d in docs for s in d["servers"]]}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "summary.json").write_text(json.dumps({**meta, "runs": runs}, indent=1))
+    (OUT / "summary.json").write_text(json.dumps({**meta, "runs": runs, "prefill_bound": bounds}, indent=1))
     conc = [{"model": r["model"], "workload": r["workload"], "budget": r["budget"] if r["method"] != "plain" else None,
              "peak_running": r["peak_running"], "output_tok_s": r["output_tok_s"]}
             for r in runs if r["arrival"] == "burst"]

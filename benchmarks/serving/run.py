@@ -28,7 +28,11 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from load import run_load, summarize  # noqa: E402
 
-WORKLOADS = {"8k-256": (8192, 256), "32k-128": (32000, 128), "2k-64": (2048, 64)}
+# "-1" variants are prefill only (one output token): plain vLLM's time on them is a floor under
+# any eviction method's time on the full workload (eviction cannot shorten prefill), which bounds
+# the throughput ratio a method can reach (report.py: "prefill_bound").
+WORKLOADS = {"8k-256": (8192, 256), "32k-128": (32000, 128), "2k-64": (2048, 64), "8k-1": (8192, 1),
+             "32k-1": (32000, 1)}
 
 
 def free_port() -> int:
@@ -117,7 +121,8 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"device": device(), "versions": versions(), "model": args.name, "kv_cache_bytes": args.kv_bytes,
+    doc = {"device": device(), "versions": versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "model": args.name, "kv_cache_bytes": args.kv_bytes,
            "command": " ".join(sys.argv), "servers": [], "runs": []}
 
     def save():

@@ -213,3 +213,25 @@ def test_bf16_inputs_are_scored():
     (layer,) = make_layers(1, 6, 2, 40, 4, dtype=torch.bfloat16)
     idx = get_method(EvictionConfig(method="defensivekv", budget=0.25, window=4)).compress_uniform(layer)
     assert idx.shape == (2, 10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(EVICTING), layer_shapes, st.booleans())
+def test_all_layers_at_once_keep_what_each_layer_keeps_alone(method, shape, bf16):
+    """The plugin scores a request's layers in one batched pass (`compress_uniform_layers`, fed
+    lazily by a generator); every layer must keep exactly what scoring it alone keeps."""
+    (hq, hkv), w, n, budget, seed = shape
+    if w >= n:
+        return
+    cfg = EvictionConfig(method=method, budget=budget, window=w)
+    layers = make_layers(3, hq, hkv, n, w, seed=seed, dtype=torch.bfloat16 if bf16 else torch.float32)
+    together = get_method(cfg).compress_uniform_layers(x for x in layers)
+    assert together.shape[0] == 3 and together.dtype == torch.long
+    for i, layer in enumerate(layers):
+        assert torch.equal(together[i], get_method(cfg).compress_uniform(layer)), i
+
+
+def test_layers_of_different_lengths_are_refused():
+    a, b = make_layers(1, 2, 1, 40, 4) + make_layers(1, 2, 1, 41, 4)
+    with pytest.raises(ValueError, match="context length"):
+        get_method(EvictionConfig(method="snapkv", budget=0.3, window=4)).compress_uniform_layers([a, b])

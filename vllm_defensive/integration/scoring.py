@@ -1,15 +1,18 @@
-"""The scoring swap point: which tokens each KV head of one layer keeps.
+"""The scoring swap point: which tokens each KV head of each layer of one request keeps.
 
-`select_keep` is the only function the worker calls to choose tokens. By default it runs the
-policy library (pure PyTorch, on whatever device the tensors live on: the reference by
-construction). A faster implementation with the same contract (e.g. the Triton kernels on GPU)
-replaces it with `set_selector(fn)`.
+`select_keep` is the only function the worker calls to choose tokens. It hands the request's
+layers (a generator: each layer's K/V is gathered when the method gets to it) to the policy
+method's `compress_uniform_layers`, which measures layer by layer and scores and selects all
+layers in one batched pass (no device sync). By default the measurements run on the policy
+library (pure PyTorch, on whatever device the tensors live on: the reference by construction);
+`choose_selector` swaps in the fused kernels on CUDA, and `set_selector(fn)` any other
+implementation of the same contract.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -19,12 +22,13 @@ from ..policy import EvictionConfig, LayerInputs, get_method
 
 logger = init_logger(__name__)
 
-Selector = Callable[[EvictionConfig, LayerInputs, int], torch.Tensor]
+# (config, the request's layers, keep per head) -> [layers, Hkv, keep] sorted kept context indices
+Selector = Callable[[EvictionConfig, Iterable[LayerInputs], int], torch.Tensor]
 
 
-def policy_selector(config: EvictionConfig, layer: LayerInputs, keep: int) -> torch.Tensor:
-    """[Hkv, keep] sorted kept context indices, the same count on every head."""
-    return get_method(config).compress_uniform(layer, keep)
+def policy_selector(config: EvictionConfig, layers: Iterable[LayerInputs], keep: int) -> torch.Tensor:
+    """The same count on every KV head of every layer, measured by the policy library."""
+    return get_method(config).compress_uniform_layers(layers, keep)
 
 
 @functools.cache
@@ -34,9 +38,9 @@ def _kernel_ops():
     return triton_kernels.scoring_ops()
 
 
-def kernel_selector(config: EvictionConfig, layer: LayerInputs, keep: int) -> torch.Tensor:
+def kernel_selector(config: EvictionConfig, layers: Iterable[LayerInputs], keep: int) -> torch.Tensor:
     """The same methods with window scoring and value norms on the fused kernels."""
-    return get_method(config, _kernel_ops()).compress_uniform(layer, keep)
+    return get_method(config, _kernel_ops()).compress_uniform_layers(layers, keep)
 
 
 def choose_selector(device: torch.device) -> str:
@@ -59,12 +63,15 @@ def set_selector(fn: Selector | None) -> None:
     _selector = fn or policy_selector
 
 
-def select_keep(config: EvictionConfig, layer: LayerInputs, keep: int) -> torch.Tensor:
-    if keep >= layer.context_len:
-        return torch.arange(layer.context_len, device=layer.keys.device).expand(layer.num_kv_heads, -1)
-    idx = _selector(config, layer, keep)
-    if idx.shape != (layer.num_kv_heads, keep):
-        raise ValueError(f"selector returned {tuple(idx.shape)}, want ({layer.num_kv_heads}, {keep})")
+def select_keep(config: EvictionConfig, layers: Iterable[LayerInputs], keep: int,
+                shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """[layers, Hkv, keep] kept context indices; `shape` = (layers, Hkv, context length)."""
+    num_layers, heads, context_len = shape
+    if keep >= context_len:
+        return torch.arange(context_len, device=device).expand(num_layers, heads, context_len)
+    idx = _selector(config, layers, keep)
+    if idx.shape != (num_layers, heads, keep):
+        raise ValueError(f"selector returned {tuple(idx.shape)}, want {(num_layers, heads, keep)}")
     return idx
 
 

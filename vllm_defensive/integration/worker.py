@@ -98,7 +98,8 @@ class WorkerEviction:
                 k = torch.randn(self.num_kv_heads, n, self.head_size, dtype=self.dtype, device=self.device)
                 inp = LayerInputs(q, k, k.clone(), weights[0], self.layers[0].impl.scale)
                 for method in ("snapkv", "defensivekv"):
-                    select_keep(EvictionConfig(method=method, window=window, budget=0.5), inp, n // 2)
+                    cfg = EvictionConfig(method=method, window=window, budget=0.5)
+                    select_keep(cfg, [inp], n // 2, (1, self.num_kv_heads, n), self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         logger.info("KV eviction kernels warmed up in %.1f s", time.perf_counter() - t0)
@@ -274,18 +275,22 @@ class WorkerEviction:
         self.filled.pop(rid, None)
 
     def _score(self, cfg: EvictionConfig, queries: torch.Tensor, ctx_slots: torch.Tensor,
-               keep: int) -> list[torch.Tensor]:
+               keep: int) -> torch.Tensor:
+        """[layers, Hkv, keep] kept context indices; each layer's K/V is gathered only when the
+        method measures it, so one layer's copy is alive at a time."""
         heads = self.num_kv_heads
         rows = ctx_slots.expand(heads, -1)
         needs_values = cfg.method in ("criticalkv", "defensivekv", "layer_defensivekv")
         weights = self.o_proj_weights() if needs_values else [None] * len(self.layers)
-        out = []
-        for i, layer in enumerate(self.layers):
-            k, v = self.layout.gather(layer.kv_cache, rows)
-            inp = LayerInputs(queries=queries[i], keys=k, values=v, o_proj_weight=weights[i],
-                              scale=layer.impl.scale)
-            out.append(select_keep(cfg, inp, keep).to(torch.long))
-        return out
+
+        def layer_inputs():
+            for i, layer in enumerate(self.layers):
+                k, v = self.layout.gather(layer.kv_cache, rows)
+                yield LayerInputs(queries=queries[i], keys=k, values=v if needs_values else None,
+                                  o_proj_weight=weights[i], scale=layer.impl.scale)
+
+        shape = (len(self.layers), heads, ctx_slots.numel())
+        return select_keep(cfg, layer_inputs(), keep, shape, self.device).to(torch.long)
 
     def take_stats(self) -> dict[str, WorkerStats] | None:
         stats, self.pending_stats = self.pending_stats, {}

@@ -3,6 +3,7 @@
 from .aggregation import aggregate_defensive, aggregate_max, aggregate_mean, prior_risk_floor
 from .config import METHOD_NAMES, EvictionConfig
 from .methods import (
+    Measurements,
     METHODS,
     AdaKV,
     CriticalKV,

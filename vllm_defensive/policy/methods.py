@@ -2,22 +2,29 @@
 scoring / aggregation / selection. Every method answers, for every layer and KV head, which
 context tokens to keep: deterministic, sorted, protected tokens always included.
 
-Two entry points:
-  compress(layers)               the method as published (its own head / layer allocation)
-  compress_uniform(layer, k)     k tokens on every KV head of one layer: what stock paged attention
-                                 can serve (one length per request); the plugin uses this.
+Entry points:
+  compress(layers)                  the method as published (its own head / layer allocation)
+  compress_uniform(layer, k)        k tokens on every KV head of one layer: what stock paged
+                                    attention can serve (one length per request)
+  compress_uniform_layers(layers,k) the same for every layer of a request at once: the plugin's path
+
+A method's scoring is split in two: `measure` (per layer: the window statistics and value norms,
+the heavy part that the kernels accelerate) and `score` (elementwise and per-row work on those
+measurements, written for any leading axes). `compress_uniform_layers` measures layer by layer,
+stacks the measurements and scores and selects all layers in one go: a few batched ops and no
+device sync, instead of ~50 small ops and several syncs per layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .aggregation import prior_risk_floor
 from .config import EvictionConfig
-from .scoring import mass_prefix_counts, value_norm_share, value_norms, window_stats
+from .scoring import WindowStats, mass_prefix_counts, value_norm_share, value_norms, window_stats
 from .selection import (
     adakv_counts,
     flat_topk_counts,
@@ -63,9 +70,37 @@ class LayerInputs:
 
 
 @dataclass
+class Measurements:
+    """What a method's scores are computed from, measured on one layer (or stacked over layers on
+    a leading axis by `stack`)."""
+
+    num_kv_heads: int
+    context_len: int
+    device: torch.device
+    stats: WindowStats | None = None  # window attention statistics
+    norms: torch.Tensor | None = None  # [..., Hkv, L] fp32 value norms
+
+    @classmethod
+    def of(cls, inp: LayerInputs, **fields) -> "Measurements":
+        return cls(inp.num_kv_heads, inp.context_len, inp.keys.device, **fields)
+
+    @classmethod
+    def stack(cls, items: Sequence["Measurements"]) -> "Measurements":
+        first = items[0]
+        if any((m.num_kv_heads, m.context_len) != (first.num_kv_heads, first.context_len) for m in items):
+            raise ValueError("stacked layers must share KV heads and context length")
+        stats = WindowStats.stack([m.stats for m in items]) if first.stats is not None else None
+        norms = torch.stack([m.norms for m in items]) if first.norms is not None else None
+        return cls(first.num_kv_heads, first.context_len, first.device, stats, norms)
+
+
+@dataclass
 class LayerScores:
-    scores: torch.Tensor  # [Hkv, L] fp32, the method's importance
-    forced: torch.Tensor  # [Hkv, L] bool, tokens that must stay (window, sinks, stage 1)
+    """Scores of one layer [Hkv, L], or of stacked layers [layers, Hkv, L]; `forced` and
+    `protected` may omit the layer axis (they broadcast)."""
+
+    scores: torch.Tensor  # [..., Hkv, L] fp32, the method's importance
+    forced: torch.Tensor  # [..., Hkv, L] bool, tokens that must stay (window, sinks, stage 1)
     extra: dict = field(default_factory=dict)
     protected: torch.Tensor | None = None  # subset of `forced` that outranks the rest (window, sinks)
 
@@ -87,13 +122,22 @@ class EvictionMethod:
         self.ops = ops or REFERENCE_OPS
 
     # -- pieces a method overrides ---------------------------------------------------------------
-    def score_layer(self, inp: LayerInputs, per_head: int) -> LayerScores:
+    def measure(self, inp: LayerInputs) -> Measurements:
+        """Per layer, through `self.ops`: the heavy part. Must not sync the device."""
+        return Measurements.of(inp)
+
+    def score(self, m: Measurements, per_head: int) -> LayerScores:
+        """Scores from measurements, for any leading (layer) axes."""
         raise NotImplementedError
+
+    def score_layer(self, inp: LayerInputs, per_head: int) -> LayerScores:
+        return self.score(self.measure(inp), per_head)
 
     def head_counts(self, scored: LayerScores, per_head: int) -> torch.Tensor:
         return uniform_counts(scored.scores.shape[0], per_head, scored.scores.device)
 
-    def select_layer(self, inp: LayerInputs, scored: LayerScores, counts: torch.Tensor) -> torch.Tensor:
+    def select(self, scored: LayerScores, counts: torch.Tensor) -> torch.Tensor:
+        """Keep mask [..., Hkv, L] with counts[..., h] tokens per head."""
         return select_by_counts(scored.key, counts)
 
     def layer_budgets(self, scored: Sequence[LayerScores], per_head: int, context_len: int) -> list[int]:
@@ -110,7 +154,7 @@ class EvictionMethod:
         forced[:, : min(self.config.sinks, n)] = True
         return forced
 
-    def _window_stats(self, inp: LayerInputs):
+    def _window_stats(self, inp: LayerInputs) -> WindowStats:
         c = self.config
         return self.ops.window_stats(
             inp.queries, inp.keys, c.pool_kernel, inp.scale,
@@ -119,9 +163,8 @@ class EvictionMethod:
 
     def _pad_window(self, prefix_scores: torch.Tensor, n: int) -> torch.Tensor:
         """Append the window's columns with the layer max (they are forced anyway)."""
-        hkv, p = prefix_scores.shape
-        top = prefix_scores.max() if prefix_scores.numel() else torch.tensor(0.0)
-        return torch.cat([prefix_scores, top.expand(hkv, n - p).to(prefix_scores)], dim=-1)
+        top = prefix_scores.amax(dim=(-2, -1), keepdim=True)
+        return torch.cat([prefix_scores, top.expand(*prefix_scores.shape[:-1], n - prefix_scores.shape[-1])], dim=-1)
 
     def _check(self, inp: LayerInputs) -> None:
         if inp.queries.shape[1] != self.config.window:
@@ -139,27 +182,44 @@ class EvictionMethod:
             self._check(x)
         scored = [self.score_layer(x, per_head) for x in layers]
         budgets = self.layer_budgets(scored, per_head, n)
-        return [self.select_layer(x, s, self.head_counts(s, b)) for x, s, b in zip(layers, scored, budgets)]
+        return [self.select(s, self.head_counts(s, b)) for s, b in zip(scored, budgets)]
 
     def compress_uniform(self, inp: LayerInputs, per_head: int | None = None) -> torch.Tensor:
         """[Hkv, k] sorted kept indices, the same count k on every head of this layer."""
-        n = inp.context_len
-        k = self.config.keep_per_head(n) if per_head is None else min(per_head, n)
+        return self.compress_uniform_layers([inp], per_head)[0]
+
+    def compress_uniform_layers(self, layers: Iterable[LayerInputs], per_head: int | None = None) -> torch.Tensor:
+        """[layers, Hkv, k] sorted kept indices, k on every head of every layer (layers share the
+        context length). `layers` may be a generator: each layer's inputs are dropped once
+        measured, so only the measurements of all layers are alive at once."""
+        measured = []
+        for inp in layers:
+            n, k = inp.context_len, self._uniform_k(inp.context_len, per_head)
+            if k < n:
+                self._check(inp)
+                measured.append(self.measure(inp))
+            else:
+                measured.append(Measurements.of(inp))
+        if not measured:
+            raise ValueError("no layers to compress")
+        m = Measurements.stack(measured)
+        n, hkv, k = m.context_len, m.num_kv_heads, self._uniform_k(m.context_len, per_head)
         if k >= n:
-            return torch.arange(n, device=inp.keys.device).expand(inp.num_kv_heads, n).clone()
-        self._check(inp)
-        scored = self.uniform_scores(self.score_layer(inp, k))
-        counts = uniform_counts(inp.num_kv_heads, k, inp.keys.device)
-        return uniform_indices(self.select_layer(inp, scored, counts))
+            return torch.arange(n, device=m.device).expand(len(measured), hkv, n).clone()
+        scored = self.uniform_scores(self.score(m, k))
+        mask = self.select(scored, uniform_counts(hkv, k, m.device))
+        return uniform_indices(mask.expand(len(measured), hkv, n), k)
+
+    def _uniform_k(self, n: int, per_head: int | None) -> int:
+        return self.config.keep_per_head(n) if per_head is None else min(per_head, n)
 
 
 class NoEviction(EvictionMethod):
     name = "none"
 
-    def score_layer(self, inp, per_head):
-        hkv, n = inp.num_kv_heads, inp.context_len
-        return LayerScores(torch.zeros(hkv, n, device=inp.keys.device),
-                           torch.ones(hkv, n, dtype=torch.bool, device=inp.keys.device))
+    def score(self, m, per_head):
+        hkv, n = m.num_kv_heads, m.context_len
+        return LayerScores(torch.zeros(hkv, n, device=m.device), torch.ones(hkv, n, dtype=torch.bool, device=m.device))
 
 
 class StreamingLLM(EvictionMethod):
@@ -167,10 +227,10 @@ class StreamingLLM(EvictionMethod):
 
     name = "streamingllm"
 
-    def score_layer(self, inp, per_head):
-        hkv, n = inp.num_kv_heads, inp.context_len
-        recency = torch.arange(n, device=inp.keys.device, dtype=torch.float32).expand(hkv, n)
-        return LayerScores(recency.clone(), self.protected(hkv, n, inp.keys.device))
+    def score(self, m, per_head):
+        hkv, n = m.num_kv_heads, m.context_len
+        recency = torch.arange(n, device=m.device, dtype=torch.float32).expand(hkv, n)
+        return LayerScores(recency.clone(), self.protected(hkv, n, m.device))
 
 
 class SnapKV(EvictionMethod):
@@ -178,11 +238,13 @@ class SnapKV(EvictionMethod):
 
     name = "snapkv"
 
-    def score_layer(self, inp, per_head):
-        stats = self._window_stats(inp)
-        n = inp.context_len
-        return LayerScores(self._pad_window(stats.snapkv, n), self.protected(inp.num_kv_heads, n, inp.keys.device),
-                           {"stats": stats})
+    def measure(self, inp):
+        return Measurements.of(inp, stats=self._window_stats(inp))
+
+    def score(self, m, per_head):
+        n = m.context_len
+        return LayerScores(self._pad_window(m.stats.snapkv, n), self.protected(m.num_kv_heads, n, m.device),
+                           {"stats": m.stats})
 
 
 class PyramidKV(SnapKV):
@@ -216,12 +278,15 @@ class CriticalKV(AdaKV):
 
     name = "criticalkv"
 
-    def score_layer(self, inp, per_head):
-        scored = super().score_layer(inp, per_head)
-        scored.extra["norms"] = _norms_or_ones(self.ops, inp)
+    def measure(self, inp):
+        return Measurements.of(inp, stats=self._window_stats(inp), norms=_norms_or_ones(self.ops, inp))
+
+    def score(self, m, per_head):
+        scored = super().score(m, per_head)
+        scored.extra["norms"] = m.norms
         return scored
 
-    def select_layer(self, inp, scored, counts):
+    def select(self, scored, counts):
         stage1 = select_by_counts(scored.key, (counts.float() * self.config.critical_stage1_fraction).long())
         weighted = (scored.scores + 1e-4) * scored.extra["norms"]
         return select_by_counts(ranking_key(weighted, scored.forced | stage1), counts)
@@ -237,24 +302,28 @@ class DefensiveKV(EvictionMethod):
 
     name = "defensivekv"
 
-    def score_layer(self, inp, per_head):
+    def measure(self, inp):
+        return Measurements.of(inp, stats=self._window_stats(inp), norms=_norms_or_ones(self.ops, inp))
+
+    def score(self, m, per_head):
         c = self.config
-        n, w, hkv = inp.context_len, c.window, inp.num_kv_heads
+        n, w, hkv = m.context_len, c.window, m.num_kv_heads
         p = n - w
-        stats = self._window_stats(inp)
-        risk = prior_risk_floor(stats.defensive_max)  # [Hkv, P]
-        norms = _norms_or_ones(self.ops, inp)[:, :p]
-        share = value_norm_share(norms)
+        stats = m.stats
+        risk = prior_risk_floor(stats.defensive_max)  # [..., Hkv, P]
+        share = value_norm_share(m.norms[..., :p])
         score = risk * share
-        top = score.max()
+        top = score.amax(dim=(-2, -1), keepdim=True)  # the layer max
         # Stage 1: the head's leading tokens by unpooled attention mass, capped by the budget.
         cap = int(p * per_head / n - w)
-        counts = mass_prefix_counts(stats.unpooled_mean, c.mass_threshold - stats.window_bias, cap)
+        bias = torch.as_tensor(stats.window_bias, dtype=torch.float32, device=m.device)
+        threshold = c.mass_threshold - bias[..., None, None]
+        counts = mass_prefix_counts(stats.unpooled_mean, threshold, cap)
         stage1 = select_by_counts(stats.unpooled_mean, counts)
-        score = score.masked_fill(stage1, float(top))
-        protected = self.protected(hkv, n, inp.keys.device)
-        forced = protected.clone()
-        forced[:, :p] |= stage1
+        score = torch.where(stage1, top, score)
+        protected = self.protected(hkv, n, m.device)
+        forced = protected.expand(*score.shape[:-1], n).clone()
+        forced[..., :p] |= stage1
         extra = {"stats": stats, "stage1": counts, "raw": stats.defensive_max * share}
         return LayerScores(self._pad_window(score, n), forced, extra, protected)
 
@@ -269,7 +338,7 @@ class DefensiveKV(EvictionMethod):
         if self.config.uniform_floor:
             return scored
         raw = scored.extra["raw"]  # forced tokens need no score: ranking_key puts them first
-        scores = torch.cat([raw, scored.scores[:, raw.shape[1]:]], dim=-1)
+        scores = torch.cat([raw, scored.scores[..., raw.shape[-1]:]], dim=-1)
         return LayerScores(scores, scored.forced, scored.extra, scored.protected)
 
     def head_counts(self, scored, per_head):

@@ -79,7 +79,18 @@ class WindowStats:
     defensive_max: torch.Tensor  # max over window rows and group heads of the pooled, mass-kept probs
     snapkv: torch.Tensor  # mean over window rows, pooled, mean over group heads
     unpooled_mean: torch.Tensor  # mean over window rows and group heads, no pooling (stage 1)
-    window_bias: float  # mean attention mass on the last W prefix columns (official quirk)
+    window_bias: torch.Tensor  # fp32, 0-dim (or [layers] when stacked): mean attention mass on the
+    # last W prefix columns (official quirk). A tensor so that reading it never syncs the device.
+
+    _PER_TOKEN = ("defensive_max", "snapkv", "unpooled_mean")
+
+    @classmethod
+    def stack(cls, items: "list[WindowStats]") -> "WindowStats":
+        """Layers on a leading axis: [layers, Hkv, P] statistics, [layers] window bias."""
+        per_token = [torch.stack([getattr(s, f) for s in items]) for f in cls._PER_TOKEN]
+        bias = torch.stack([torch.as_tensor(s.window_bias, dtype=torch.float32, device=per_token[0].device)
+                            for s in items])
+        return cls(*per_token, window_bias=bias)
 
 
 def window_stats(
@@ -109,7 +120,7 @@ def window_stats(
     # SnapKV pools the row mean; pooling commutes with the mean, so pool once after averaging.
     snap = avg_pool(prefix.float().mean(dim=2), pool_kernel).mean(dim=1)
     unpooled = prefix.float().mean(dim=(1, 2))
-    return WindowStats(defensive_max, snap, unpooled, float(bias))
+    return WindowStats(defensive_max, snap, unpooled, bias.float())
 
 
 def value_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -134,17 +145,19 @@ def value_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, chunk: int = 
 
 def value_norm_share(norms: torch.Tensor) -> torch.Tensor:
     """DefensiveKV's weighting: each token's norm as a share across KV heads (sums to 1 per token).
+    norms [..., Hkv, L].
 
     Faithful to the official code, which normalises over heads, not tokens: with one KV head the
     share is identically 1 and the weighting vanishes.
     """
-    return norms / (norms.sum(0, keepdim=True) + EPS)
+    return norms / (norms.sum(-2, keepdim=True) + EPS)
 
 
 def mass_prefix_counts(unpooled_mean: torch.Tensor, threshold: torch.Tensor | float, cap: int) -> torch.Tensor:
     """Stage-1 must-keep counts: leading tokens (by attention) whose cumulative share stays < threshold.
 
     The crossing token is excluded, as in the official code; counts are capped at `cap` (>= 0).
+    Any leading (layer) axes; `threshold` broadcasts against [..., Hkv, 1].
     """
     share = unpooled_mean / (unpooled_mean.sum(-1, keepdim=True) + EPS)
     ordered = torch.sort(share, dim=-1, descending=True, stable=True).values
@@ -153,8 +166,8 @@ def mass_prefix_counts(unpooled_mean: torch.Tensor, threshold: torch.Tensor | fl
 
 
 def top_rank_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of each row's `counts[h]` highest scores (ties: lower index first)."""
+    """Boolean mask of each row's `counts[..., h]` highest scores (ties: lower index first)."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return ranks < counts.view(-1, 1)
+    return ranks < counts.unsqueeze(-1)

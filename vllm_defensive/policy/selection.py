@@ -87,9 +87,8 @@ def mask_to_indices(mask: torch.Tensor) -> list[torch.Tensor]:
     return [row.nonzero().flatten() for row in mask]
 
 
-def uniform_indices(mask: torch.Tensor) -> torch.Tensor:
-    """[Hkv, k] sorted indices from a mask with the same count on every head."""
-    counts = mask.sum(-1)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError(f"heads keep different counts: {counts.tolist()}")
-    return mask.nonzero()[:, 1].view(mask.shape[0], -1)
+def uniform_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., Hkv, k] sorted kept indices of a mask that keeps exactly k tokens on every head (the
+    uniform selections do by construction: top-k ranks). A stable sort rather than nonzero(): no
+    device sync, and any leading (layer) axes."""
+    return torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[..., :k]

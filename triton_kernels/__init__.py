@@ -42,7 +42,7 @@ from .torch_impl import gather_paged
 __all__ = [
     "backend", "triton_available", "paged_window_stats", "window_stats", "paged_value_norms", "value_norms",
     "scoring_ops",
-    "value_norm_share", "compact_kv", "split_kv_cache", "gather_paged", "dense_as_paged", "WindowStats",
+    "value_norm_share", "warmup_lengths", "compact_kv", "split_kv_cache", "gather_paged", "dense_as_paged", "WindowStats",
 ]
 
 
@@ -130,6 +130,18 @@ def value_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, impl: str | N
     """Drop-in for `policy.scoring.value_norms` on dense values [Hkv, N, d] (no copy)."""
     cache, table = dense_as_paged(values)
     return paged_value_norms(cache, table, values.shape[1], o_proj_weight, impl)
+
+
+def warmup_lengths(num_kv_heads: int, window: int, device: torch.device) -> list[int]:
+    """Prompt lengths whose scoring compiles every kernel variant a model can hit, for warming up
+    at start-up: prompt lengths are not specialised on, except the value-norm kernel's tile size
+    (small below a threshold that depends on the GPU and the KV head count)."""
+    short = 4 * window + 67
+    if resolve(None, device) != "triton":
+        return [short]
+    from ._value_norm import long_prompt_threshold
+
+    return [short, max(short, long_prompt_threshold(num_kv_heads, device)) + 3]
 
 
 def scoring_ops(impl: str | None = None) -> ScoringOps:

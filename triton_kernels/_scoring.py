@@ -146,7 +146,15 @@ def _div_const(x, KPOOL: tl.constexpr):
     return tl.fma(r, tl.full(x.shape, 1.0 / KPOOL, tl.float32), q)
 
 
-@triton.jit
+# Prompt-length arguments are not specialised (Triton would otherwise compile a variant per
+# "divisible by 16" / "== 1" pattern of them, i.e. a fresh multi-second JIT inside an engine step
+# for the first prompt of an unseen pattern); they only bound loops and masks. Strides stay
+# specialised: they are fixed per model and drive vectorised loads.
+_PASS1_LENGTHS = ["L", "P", "bias_lo", "bias_hi", "split_len", "num_splits"]
+_PASS2_LENGTHS = ["P", "num_row_blocks", "tiles_per_prog", "bias_lo", "bias_hi"]
+
+
+@triton.jit(do_not_specialize=_PASS1_LENGTHS)
 def _window_pass1(
     Q, K, BT, PART,
     sqh, sqw, sqd, skb, skt, skh, skd, block_size,
@@ -212,7 +220,7 @@ def _window_pass1(
     tl.store(base + 4 * RP + r, l_b, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _window_combine(PART, ROW, SUMS, R, RP, num_splits, BR: tl.constexpr, BS: tl.constexpr, EXACT: tl.constexpr):
     """Merge the pass-1 splits: [BS splits x BR rows] tiles, so the loads are not a serial chain."""
     rb = tl.program_id(0)
@@ -299,7 +307,7 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, omask, edge_tile, band, bias_col, do_
     return unp, colmax, msum, ssum, bsum
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PASS2_LENGTHS)
 def _window_pass2(
     Q, K, BT, ROW, DMAX, SNAP, UNP, SUMS, PACKED,
     sqh, sqw, sqd, skb, skt, skh, skd, block_size,
@@ -400,7 +408,7 @@ def _window_pass2(
             tl.atomic_add(sums + 2 * RP + r, b_acc, mask=rmask, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def _window_fixup(DMAX, PACKED, ROW, SUMS, BIAS, P, R, RP, HKV, bias_src_stride, bias_src_off,
                   BN: tl.constexpr, BRB: tl.constexpr, RBITS: tl.constexpr, ROUND: tl.constexpr,
                   DO_FIX: tl.constexpr, INTERP: tl.constexpr):
@@ -538,7 +546,8 @@ def window_stats(queries, key_cache, block_table, seq_len, pool_kernel=5, scale=
         HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], DOT_PREC=dot_prec, INTERP=interp,
         num_warps=cfg["p1_warps"] if br >= 128 else 4, num_stages=cfg["p1_stages"],
     )
-    _window_combine[(nrb, hkv)](part, rowstats, sums, rows, rp, nsplit, BR=br, BS=min(max(2, 2048 // br), max(2, _next_pow2(nsplit))),
+    # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range)
+    _window_combine[(nrb, hkv)](part, rowstats, sums, rows, rp, nsplit, BR=br, BS=max(2, 2048 // br),
                                 EXACT=exact, num_warps=4)
     _window_pass2[(nprog, hkv)](
         queries, kc, block_table, rowstats, dmax, snap, unp, sums, packed,

@@ -18,7 +18,7 @@ CONFIG = {"bt": 128, "bt_small": 64, "bo": 128, "warps": 8, "stages": 3}
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # one compile for every prompt length
 def _value_norm_kernel(
     V, BT, WO, OUT,
     svb, svt, svh, svd, block_size, N, G, DOUT, HEAD_D, swo, swi,
@@ -51,6 +51,15 @@ def _value_norm_kernel(
     tl.store(OUT + h * N + t, acc / G, mask=tmask)
 
 
+def long_prompt_threshold(num_kv_heads: int, device: torch.device) -> int:
+    """From this many tokens on, the kernel runs big tiles; below, short prompts / few KV heads get
+    smaller tiles (more programs to fill the GPU): the one length-dependent compile variant."""
+    if device.type != "cuda":
+        return 0
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return CONFIG["bt"] * triton.cdiv(2 * sms, num_kv_heads)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -70,10 +79,7 @@ def value_norms(value_cache, block_table, num_tokens, o_proj_weight):
         return out
     same = value_cache.dtype == o_proj_weight.dtype and value_cache.dtype in (torch.bfloat16, torch.float16)
     cdt = value_cache.dtype if same else torch.float32
-    bt = CONFIG["bt"]
-    if value_cache.device.type == "cuda" and triton.cdiv(n, bt) * hkv < 2 * torch.cuda.get_device_properties(
-            value_cache.device).multi_processor_count:
-        bt = CONFIG["bt_small"]  # short prompts / few KV heads: more, smaller programs
+    bt = CONFIG["bt"] if n >= long_prompt_threshold(hkv, value_cache.device) else CONFIG["bt_small"]
     _value_norm_kernel[(triton.cdiv(n, bt), hkv)](
         value_cache, block_table.contiguous(), o_proj_weight, out,
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), value_cache.stride(3),

@@ -87,13 +87,15 @@ class WorkerEviction:
 
     def _warm_up_kernels(self) -> None:
         """JIT-compile the scoring kernels at start-up for this model's shapes and dtype, so the
-        first requests do not pay seconds of Triton compilation inside an engine step. Triton
-        specialises integer arguments on divisibility by 16: warm both kinds of length."""
+        first requests do not pay seconds of Triton compilation inside an engine step (the
+        kernels name the few prompt lengths that cover their compile variants)."""
+        from .. import triton_kernels
+
         t0 = time.perf_counter()
         weights = self.o_proj_weights()
         window = self.server.window
         with torch.inference_mode():
-            for n in (4 * window + 64, 4 * window + 67):
+            for n in triton_kernels.warmup_lengths(self.num_kv_heads, window, self.device):
                 q = torch.randn(self.num_heads, window, self.head_size, dtype=self.dtype, device=self.device)
                 k = torch.randn(self.num_kv_heads, n, self.head_size, dtype=self.dtype, device=self.device)
                 inp = LayerInputs(q, k, k.clone(), weights[0], self.layers[0].impl.scale)

@@ -39,9 +39,10 @@ def prefill_bounds(runs: list[dict]) -> list[dict]:
 
 
 def main(paths: list[str]) -> None:
-    docs = [json.loads(Path(p).read_text()) for p in paths if not Path(p).name.startswith(("summary", "concurrency"))]
+    docs = [{**json.loads(Path(p).read_text()), "source": Path(p).name} for p in paths
+            if not Path(p).name.startswith(("summary", "concurrency"))]
     docs = sorted((d for d in docs if "runs" in d and "servers" in d), key=lambda d: d.get("date", ""))
-    runs = [{k: r.get(k) for k in KEYS} for d in docs for r in d["runs"]]
+    runs = [{**{k: r.get(k) for k in KEYS}, "source": d["source"]} for d in docs for r in d["runs"]]
     # a model's runs may come from several files (re-runs): the newest file's run of a
     # configuration wins
     latest = {}
@@ -63,14 +64,21 @@ def main(paths: list[str]) -> None:
             for r in runs if r["arrival"] == "burst"]
     (OUT / "concurrency.json").write_text(json.dumps({**meta, "runs": conc}, indent=1))
 
-    groups = sorted({(r["model"], r["workload"], r["arrival"]) for r in runs})
+    # prefill-only runs ("-1") only feed the bound and the scoring overhead: not plotted
+    groups = sorted({(r["model"], r["workload"], r["arrival"]) for r in runs if not r["workload"].endswith("-1")})
     fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 7), squeeze=False)
     for j, g in enumerate(groups):
-        rs = [r for r in runs if (r["model"], r["workload"], r["arrival"]) == g]
+        rs = sorted((r for r in runs if (r["model"], r["workload"], r["arrival"]) == g),
+                    key=lambda r: (r["method"] != "plain", -(r["budget"] or 0)))
         labels = ["plain" if r["method"] == "plain" else f"{r['budget']:g}" for r in rs]
         for i, (key, ylabel) in enumerate((("output_tok_s", "output tok/s"), ("peak_running", "peak running requests"))):
             ax = axes[i][j]
-            ax.bar(labels, [r[key] or 0 for r in rs], color=["gray"] + ["C0"] * (len(rs) - 1))
+            ax.bar(labels, [r[key] or 0 for r in rs], color=["gray" if r["method"] == "plain" else "C0" for r in rs])
+            bound = next((x for x in bounds if (x["model"], x["workload"]) == g[:2]), None)
+            if i == 0 and bound and g[2] == "burst" and rs[0]["method"] == "plain":
+                ax.axhline(rs[0]["output_tok_s"] * bound["max_throughput_vs_plain"], color="C3", ls="--",
+                           label="prefill bound (plain wall / prefill-only wall)")
+                ax.legend(fontsize=7, loc="lower right")
             ax.set_ylabel(ylabel)
             ax.set_xlabel("budget (plugin) / plain vLLM")
             if i == 0:

@@ -39,6 +39,17 @@ DEFAULT_VARIANTS = [
 ]
 
 
+def _value(v: str):
+    if v in ("True", "False"):
+        return v == "True"
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
 def parse_variant(spec: str):
     name, _, rest = spec.partition("=")
     parts = rest.split(",")
@@ -46,7 +57,7 @@ def parse_variant(spec: str):
     fields = {}
     for kv in parts[1:]:
         k, _, v = kv.partition("=")
-        fields[k] = v == "True" if v in ("True", "False") else float(v) if "." in v or "e" in v else int(v)
+        fields[k] = _value(v)
     return name, method, alloc != "native", fields
 
 

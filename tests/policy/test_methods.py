@@ -170,8 +170,9 @@ def test_uniform_defensive_ranks_below_the_floor_by_raw_risk(seed):
         m = get_method(EvictionConfig(method="defensivekv", budget_tokens=k, window=8, uniform_floor=floor))
         scored = m.score_layer(layer, k)
         kept = m.compress_uniform(layer, k)
-        p = scored.extra["raw"].shape[1]
-        ranking = scored.extra["raw"] if not floor else scored.scores[:, :p]
+        unfloored = scored.extra["stats"].defensive_max * scored.extra["share"]
+        p = unfloored.shape[1]
+        ranking = unfloored if not floor else scored.scores[:, :p]
         for h in range(2):
             forced = scored.forced[h, :p].nonzero().flatten().tolist()
             free = [t for t in kept[h].tolist() if t < p and t not in forced]
@@ -235,3 +236,30 @@ def test_layers_of_different_lengths_are_refused():
     a, b = make_layers(1, 2, 1, 40, 4) + make_layers(1, 2, 1, 41, 4)
     with pytest.raises(ValueError, match="context length"):
         get_method(EvictionConfig(method="snapkv", budget=0.3, window=4)).compress_uniform_layers([a, b])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_uniform_defensive_raw_norm_ranks_by_risk_times_own_value_norm(seed):
+    """`uniform_norm="raw"`: the unforced picks of each head are its top max-risk x ||v W_o||."""
+    (layer,) = make_layers(1, 4, 2, 300, 8, seed=seed)
+    k = 60
+    m = get_method(EvictionConfig(method="defensivekv", budget_tokens=k, window=8, uniform_norm="raw"))
+    scored = m.score_layer(layer, k)
+    kept = m.compress_uniform(layer, k)
+    ranking = scored.extra["stats"].defensive_max * scored.extra["norms"]
+    p = ranking.shape[1]
+    for h in range(2):
+        forced = scored.forced[h, :p]
+        free = [t for t in kept[h].tolist() if t < p and not bool(forced[t])]
+        cand = ranking[h].masked_fill(forced, -1)
+        assert torch.allclose(ranking[h, free].sort(descending=True).values, cand.topk(len(free)).values)
+
+
+def test_uniform_defensive_share_and_raw_norm_rank_differently():
+    differs = []
+    for seed in range(3):
+        (layer,) = make_layers(1, 4, 2, 300, 8, seed=seed)
+        a, b = (get_method(EvictionConfig(method="defensivekv", budget_tokens=60, window=8, uniform_norm=n))
+                .compress_uniform(layer, 60) for n in ("share", "raw"))
+        differs.append(not torch.equal(a, b))
+    assert any(differs)

@@ -38,6 +38,10 @@ class EvictionConfig(BaseModel):
     uniform_floor: bool = Field(
         False, description="DefensiveKV with the same count on every head: rank each head's tokens by "
         "the floored risk (True, the head-wise score taken literally) or the unfloored one (False)")
+    uniform_norm: Literal["share", "raw"] = Field(
+        "share", description="DefensiveKV with the same count on every head: weight the risk by the "
+        "token's value-norm share across KV heads (share, the published score) or by its own value "
+        "norm (raw, CriticalKV's weighting: the share's per-token divisor only matters across heads)")
 
     @field_validator("method", mode="before")
     @classmethod

@@ -311,7 +311,8 @@ class DefensiveKV(EvictionMethod):
         p = n - w
         stats = m.stats
         risk = prior_risk_floor(stats.defensive_max)  # [..., Hkv, P]
-        share = value_norm_share(m.norms[..., :p])
+        norms = m.norms[..., :p]
+        share = value_norm_share(norms)
         score = risk * share
         top = score.amax(dim=(-2, -1), keepdim=True)  # the layer max
         # Stage 1: the head's leading tokens by unpooled attention mass, capped by the budget.
@@ -324,7 +325,7 @@ class DefensiveKV(EvictionMethod):
         protected = self.protected(hkv, n, m.device)
         forced = protected.expand(*score.shape[:-1], n).clone()
         forced[..., :p] |= stage1
-        extra = {"stats": stats, "stage1": counts, "raw": stats.defensive_max * share}
+        extra = {"stats": stats, "stage1": counts, "share": share, "norms": norms}
         return LayerScores(self._pad_window(score, n), forced, extra, protected)
 
     def uniform_scores(self, scored):
@@ -334,12 +335,19 @@ class DefensiveKV(EvictionMethod):
         floored score orders them by the value-norm share alone. With max aggregation that is
         most of a head (84% of tokens below the mean on SmolLM2 NIAH prompts; a 20% budget keeps
         more than the 16% above it). So the uniform path ranks by the unfloored score unless
-        `uniform_floor`; above the mean nothing changes. Stage-1 and window tokens stay forced."""
-        if self.config.uniform_floor:
-            return scored
-        raw = scored.extra["raw"]  # forced tokens need no score: ranking_key puts them first
-        scores = torch.cat([raw, scored.scores[..., raw.shape[-1]:]], dim=-1)
-        return LayerScores(scores, scored.forced, scored.extra, scored.protected)
+        `uniform_floor`; above the mean nothing changes. Stage-1 and window tokens stay forced.
+
+        Likewise the value-norm share divides each token's norm by its sum over the KV heads: a
+        per-token constant that matters only when heads compete. `uniform_norm="raw"` weights by
+        the token's own norm instead (CriticalKV's output-perturbation weighting)."""
+        c, ex = self.config, scored.extra
+        risk = ex["stats"].defensive_max
+        if c.uniform_floor:
+            risk = prior_risk_floor(risk)
+        prefix = risk * (ex["share"] if c.uniform_norm == "share" else ex["norms"])
+        # forced tokens (stage 1, window, sinks) need no score: ranking_key puts them first
+        scores = torch.cat([prefix, scored.scores[..., prefix.shape[-1]:]], dim=-1)
+        return LayerScores(scores, scored.forced, ex, scored.protected)
 
     def head_counts(self, scored, per_head):
         if self.config.alpha > 0:

@@ -16,6 +16,7 @@ import argparse
 import json
 import lzma
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -34,6 +35,15 @@ def scores(recs, method, budget, protocol, tokens) -> dict[str, dict[str, float]
                 and r["protocol"] == protocol and r["tokens"] == tokens:
             out[r["task"]][r["uid"]] = float(r["score"])
     return out
+
+
+def run_machine(samples_path: str) -> dict:
+    """Device and versions of the eval run that wrote these samples (its meta.json, beside them)."""
+    meta = Path(samples_path).with_name("meta.json")
+    if not meta.is_file():
+        raise SystemExit(f"no {meta}: every figure needs its machine (run_gpu.sh copies meta.json)")
+    doc = json.loads(meta.read_text())
+    return {"device": doc.get("device"), "versions": doc.get("versions")}
 
 
 def paired(a: dict, b: dict, n_boot: int = 5000, seed: int = 0) -> dict:
@@ -80,9 +90,12 @@ def main():
         doc = json.load(open(args.out))
     except (FileNotFoundError, json.JSONDecodeError):
         doc = {"what": "paired bootstrap of score(a) - score(b) on the same prompts (RULER average over tasks)",
-               "comparisons": []}
-    doc["comparisons"].append({"label": args.label, "samples": args.samples, "baseline_samples": args.baseline_samples,
-                               "budget": args.budget, "protocol": args.protocol, "tokens": args.tokens, "rows": rows})
+               **run_machine(args.samples), "comparisons": []}
+    runs = {"samples": {"path": args.samples, **run_machine(args.samples)}}
+    if args.baseline_samples:
+        runs["baseline_samples"] = {"path": args.baseline_samples, **run_machine(args.baseline_samples)}
+    doc["comparisons"].append({"label": args.label, **runs, "budget": args.budget, "protocol": args.protocol,
+                               "tokens": args.tokens, "rows": rows})
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
 

@@ -23,7 +23,7 @@ import torch
 
 from vllm.logger import init_logger
 
-from ..policy import EvictionConfig, LayerInputs
+from ..policy import METHODS, EvictionConfig, LayerInputs
 from . import compat, debug
 from .config import server_config
 from .layout import CpuLayout, GpuLayout, KVLayout
@@ -282,7 +282,7 @@ class WorkerEviction:
         method measures it, so one layer's copy is alive at a time."""
         heads = self.num_kv_heads
         rows = ctx_slots.expand(heads, -1)
-        needs_values = cfg.method in ("criticalkv", "defensivekv", "layer_defensivekv")
+        needs_values = METHODS[cfg.method].uses_values
         weights = self.o_proj_weights() if needs_values else [None] * len(self.layers)
 
         def layer_inputs():

@@ -116,6 +116,8 @@ class LayerScores:
 
 class EvictionMethod:
     name = "base"
+    uses_window = False  # scores from the window's attention statistics
+    uses_values = False  # ... weighted by value norms (callers may skip gathering values otherwise)
 
     def __init__(self, config: EvictionConfig | None = None, ops: ScoringOps | None = None):
         self.config = config or EvictionConfig(method=self.name if self.name != "base" else "defensivekv")
@@ -124,7 +126,8 @@ class EvictionMethod:
     # -- pieces a method overrides ---------------------------------------------------------------
     def measure(self, inp: LayerInputs) -> Measurements:
         """Per layer, through `self.ops`: the heavy part. Must not sync the device."""
-        return Measurements.of(inp)
+        return Measurements.of(inp, stats=self._window_stats(inp) if self.uses_window else None,
+                               norms=_norms_or_ones(self.ops, inp) if self.uses_values else None)
 
     def score(self, m: Measurements, per_head: int) -> LayerScores:
         """Scores from measurements, for any leading (layer) axes."""
@@ -237,9 +240,7 @@ class SnapKV(EvictionMethod):
     """Mean attention of the window queries, pooled, averaged over the query group; uniform heads."""
 
     name = "snapkv"
-
-    def measure(self, inp):
-        return Measurements.of(inp, stats=self._window_stats(inp))
+    uses_window = True
 
     def score(self, m, per_head):
         n = m.context_len
@@ -277,9 +278,7 @@ class CriticalKV(AdaKV):
     (stage 1), the rest by (attention + 1e-4) * mean-group ||v W_o||_1 (stage 2)."""
 
     name = "criticalkv"
-
-    def measure(self, inp):
-        return Measurements.of(inp, stats=self._window_stats(inp), norms=_norms_or_ones(self.ops, inp))
+    uses_values = True
 
     def score(self, m, per_head):
         scored = super().score(m, per_head)
@@ -301,9 +300,7 @@ class DefensiveKV(EvictionMethod):
     official "window bias" slice (`fix_window_bias` to measure it on the window itself)."""
 
     name = "defensivekv"
-
-    def measure(self, inp):
-        return Measurements.of(inp, stats=self._window_stats(inp), norms=_norms_or_ones(self.ops, inp))
+    uses_window = uses_values = True
 
     def score(self, m, per_head):
         c = self.config

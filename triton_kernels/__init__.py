@@ -16,7 +16,10 @@ Public API
   backend(device=None) -> "triton" | "torch"
   paged_window_stats(queries, key_cache, block_table, seq_len, ...) -> policy WindowStats
   window_stats(queries, keys, ...)                 dense [Hkv, L, d] keys, same kernels
+  paged_window_stats_layers(queries, key_caches, block_table, seq_len, ...)
+                                                   every layer of a request at once: [layers, Hkv, P]
   paged_value_norms(value_cache, block_table, num_tokens, o_proj_weight) -> fp32 [Hkv, N]
+  paged_value_norms_layers(value_caches, block_table, num_tokens, o_proj_weights) -> [layers, Hkv, N]
   value_norms(values, o_proj_weight)               dense [Hkv, N, d] values, same kernel
   scoring_ops(impl=None) -> policy ScoringOps      these kernels as drop-ins for the policy methods
   value_norm_share(norms)                          share across KV heads (policy's)
@@ -41,6 +44,7 @@ from .torch_impl import gather_paged
 
 __all__ = [
     "backend", "triton_available", "paged_window_stats", "window_stats", "paged_value_norms", "value_norms",
+    "paged_window_stats_layers", "paged_value_norms_layers",
     "scoring_ops",
     "value_norm_share", "warmup_lengths", "compact_kv", "split_kv_cache", "gather_paged", "dense_as_paged", "WindowStats",
 ]
@@ -106,6 +110,49 @@ def paged_window_stats(
                                  fix_window_bias, window_bias_as_tensor)
 
 
+def paged_window_stats_layers(
+    queries: torch.Tensor,
+    key_caches: Sequence[torch.Tensor],
+    block_table: torch.Tensor,
+    seq_len: int,
+    pool_kernel: int = 5,
+    scale: float | None = None,
+    probs_dtype: torch.dtype | None = None,
+    fix_window_bias: bool = False,
+    impl: str | None = None,
+) -> WindowStats:
+    """`paged_window_stats` of every layer of one request: queries [layers, Hq, W, d], one key
+    cache per layer, one block table (the layers' pages share block ids, as in vLLM). Returns
+    fields [layers, Hkv, P] and the window bias as a [layers] device tensor (no sync).
+
+    On the Triton path the four launches cover all layers (the caches are reached through a
+    table of base addresses), instead of four per layer: the per-request host cost no longer grows
+    with the layer count. Caches that do not share one layout, and the PyTorch path, go layer
+    by layer with the same results."""
+    from ._pointers import same_layout
+
+    if queries.dim() != 4 or queries.shape[0] != len(key_caches) or not key_caches:
+        raise ValueError(f"queries [layers, Hq, W, d] and one key cache per layer, got {tuple(queries.shape)} "
+                         f"and {len(key_caches)} caches")
+    for cache in key_caches:
+        _check_cache(cache, block_table, seq_len, "key_cache")
+    w = queries.shape[2]
+    if w > seq_len:
+        raise ValueError(f"window ({w}) is longer than the context ({seq_len})")
+    fused = resolve(impl, queries.device) == "triton" and seq_len > w and same_layout(key_caches)
+    if fused:
+        from . import _scoring
+
+        fused = (queries.shape[1] // key_caches[0].shape[2]) * w <= _scoring.MAX_ROWS
+    if not fused:
+        return WindowStats.stack([
+            paged_window_stats(queries[i], cache, block_table, seq_len, pool_kernel, scale, probs_dtype,
+                               fix_window_bias, window_bias_as_tensor=True, impl=impl)
+            for i, cache in enumerate(key_caches)])
+    return _scoring.window_stats_layers(queries, list(key_caches), block_table, seq_len, pool_kernel, scale,
+                                        probs_dtype, fix_window_bias)
+
+
 def window_stats(queries: torch.Tensor, keys: torch.Tensor, pool_kernel: int = 5, scale: float | None = None,
                  probs_dtype: torch.dtype | None = None, fix_window_bias: bool = False,
                  window_bias_as_tensor: bool = False, impl: str | None = None) -> WindowStats:
@@ -124,6 +171,25 @@ def paged_value_norms(value_cache: torch.Tensor, block_table: torch.Tensor, num_
     from . import _value_norm
 
     return _value_norm.value_norms(value_cache, block_table, num_tokens, o_proj_weight)
+
+
+def paged_value_norms_layers(value_caches: Sequence[torch.Tensor], block_table: torch.Tensor, num_tokens: int,
+                             o_proj_weights: Sequence[torch.Tensor], impl: str | None = None) -> torch.Tensor:
+    """`paged_value_norms` of every layer: fp32 [layers, Hkv, N], one launch on the Triton path
+    (layer by layer where the caches or weights do not share one layout)."""
+    from ._pointers import same_layout
+
+    if len(value_caches) != len(o_proj_weights) or not value_caches:
+        raise ValueError(f"{len(value_caches)} value caches, {len(o_proj_weights)} o_proj weights")
+    for cache in value_caches:
+        _check_cache(cache, block_table, num_tokens, "value_cache")
+    if resolve(impl, value_caches[0].device) == "triton" and same_layout(value_caches) \
+            and same_layout(o_proj_weights):
+        from . import _value_norm
+
+        return _value_norm.value_norms_layers(list(value_caches), block_table, num_tokens, list(o_proj_weights))
+    return torch.stack([paged_value_norms(c, block_table, num_tokens, wt, impl)
+                        for c, wt in zip(value_caches, o_proj_weights)])
 
 
 def value_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, impl: str | None = None) -> torch.Tensor:

@@ -22,24 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._pointers import pointer_table
+
 # H100 sweep (llama8b, 32 layers, 32K, keep 20%): the disjoint copy is flat across tile sizes (within
 # 3%); in place, 128-token chunks with 4 warps were best.
 CONFIG = {"bt": 32, "bt_inplace": 128, "warps": 8, "warps_inplace": 4}
-
-# The caches' base addresses live for the engine's lifetime: keep their device-side pointer
-# table instead of copying it host -> device (a pageable copy stalls the host) on every call.
-_PTR_TABLES: dict[tuple, torch.Tensor] = {}
-
-
-def _pointer_table(addrs: list[int], dev: torch.device) -> torch.Tensor:
-    key = (dev.type, dev.index, tuple(addrs))
-    t = _PTR_TABLES.get(key)
-    if t is None:
-        if len(_PTR_TABLES) >= 16:
-            _PTR_TABLES.clear()
-        t = torch.tensor(addrs, dtype=torch.int64, device=dev)
-        _PTR_TABLES[key] = t
-    return t
 
 _INT = {1: tl.int8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
 
@@ -149,13 +136,13 @@ def compact_kv(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.
             raise ValueError("every cache must have the same block size, heads and head dim")
     if all(c.dtype == c0.dtype and c.stride() == c0.stride() for c in caches):
         addrs = [c.data_ptr() for c in caches]
-        ptrs = _pointer_table(addrs, dev)
+        ptrs = pointer_table(addrs, dev)
         _launch(ptrs, len(caches), kept_l, idx_sl, src_bt, src_sl, dst_bt, dst_sl, c0, k_keep, inplace,
                 all(a % 16 == 0 for a in addrs))
         return 1
     for z, c in enumerate(caches):
         lay = z // 2
-        ptrs = _pointer_table([c.data_ptr()], dev)
+        ptrs = pointer_table([c.data_ptr()], dev)
         _launch(ptrs, 1, kept_l[0 if idx_sl == 0 else lay].unsqueeze(0), 0,
                 src_bt if src_sl == 0 else src_bt[lay], 0, dst_bt if dst_sl == 0 else dst_bt[lay], 0,
                 c, k_keep, inplace, c.data_ptr() % 16 == 0)

@@ -1,6 +1,10 @@
 """Fused window scoring over paged keys (Triton), matching `policy.scoring.window_stats`.
 
-Never materialises the [Hq, W, L] probability matrix. Four launches per layer, one workspace:
+Never materialises the [Hq, W, L] probability matrix. Four launches cover every layer of a
+request (`window_stats_layers`; `window_stats` is the one-layer case), one workspace. The kernels'
+head axis runs over (layer, KV head) pairs: queries, row statistics and outputs are laid out by
+pair, and each program loads its layer's key-cache base from a table of addresses (vLLM keeps one
+cache tensor per layer; the layers share the request's block table and one layout).
 
 pass 1   grid (row blocks, key splits, Hkv). Each program streams its split of the keys once and
          keeps, per window row (one row = one (query head, window position) of the KV head's
@@ -39,7 +43,8 @@ window bias is likewise the exact sum of rounded probabilities; the fixed varian
 (`fix_window_bias`) is computed from the unrounded ones.
 
 Host cost: about 0.25-0.3 ms of Python/launch work per call on the H100 machine (four Triton
-launches); called layer after layer it overlaps the device work, and a CUDA graph removes it.
+launches), once per request instead of once per layer (24-32 layers: 6-10 ms of host time that
+the per-layer calls paid, more than the device work of a short prompt).
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from vllm_defensive.policy.scoring import WindowStats
 
 EPS = 1e-12
 MAX_ROWS = 512  # group size x window per KV head: the row index travels in 9 low bits of the max
@@ -82,6 +89,15 @@ def _load_key_tile(K, BT, t, tmask, h, dd, dmask, skb, skt, skh, skd, block_size
     off = (t % block_size).to(tl.int64)
     ptr = K + blk[:, None] * skb + off[:, None] * skt + h * skh + dd[None, :] * skd
     return tl.load(ptr, mask=tmask[:, None] & dmask[None, :], other=0.0)
+
+
+@triton.jit
+def _layer_keys(KPTRS, hg, HKV, KDT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Base of the key cache of pair hg's layer (a table entry per layer) and hg's head in it."""
+    K = tl.load(KPTRS + hg // HKV).to(tl.pointer_type(KDT))
+    if ALIGNED:  # checked on the host: keeps the vectorised loads a tensor argument would get
+        K = tl.multiple_of(K, 16)
+    return K, hg % HKV
 
 
 @triton.jit
@@ -156,22 +172,23 @@ _PASS2_LENGTHS = ["P", "num_row_blocks", "tiles_per_prog", "bias_lo", "bias_hi"]
 
 @triton.jit(do_not_specialize=_PASS1_LENGTHS)
 def _window_pass1(
-    Q, K, BT, PART,
-    sqh, sqw, sqd, skb, skt, skh, skd, block_size,
+    Q, KPTRS, BT, PART,
+    sqh, sqw, sqd, skb, skt, skh, skd, block_size, HKV,
     L, P, W, G, R, RP, HEAD_D, bias_lo, bias_hi, split_len, num_splits, scale_log2,
     HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    CDT: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    CDT: tl.constexpr, KDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     rb = tl.program_id(0)
     sp = tl.program_id(1)
-    h = tl.program_id(2).to(tl.int64)
+    hg = tl.program_id(2).to(tl.int64)  # (layer, KV head) pair: rows, queries and outputs
+    K, h = _layer_keys(KPTRS, hg, HKV, KDT, ALIGNED)  # h: the head within its layer's cache
     r = rb * BR + tl.arange(0, BR)
     rmask = r < R
     g = r // W
     i = r % W
     dd = tl.arange(0, BD)
     dmask = dd < HEAD_D
-    qh = (h * G + g).to(tl.int64)
+    qh = (hg * G + g).to(tl.int64)
     q = tl.load(Q + qh[:, None] * sqh + i[:, None] * sqw + dd[None, :] * sqd,
                 mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
     lim = P + i  # window row i sits at position P + i and sees keys <= P + i
@@ -212,7 +229,7 @@ def _window_pass1(
             l_b += tl.sum(tl.where(((t >= bias_lo) & (t < bias_hi))[None, :], p, 0.0), 1)
         m = m_new
 
-    base = PART + ((h * num_splits + sp) * 5) * RP
+    base = PART + ((hg * num_splits + sp) * 5) * RP
     tl.store(base + r, m, mask=rmask)
     tl.store(base + RP + r, l_all, mask=rmask)
     tl.store(base + 2 * RP + r, l_pre, mask=rmask)
@@ -309,15 +326,16 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, omask, edge_tile, band, bias_col, do_
 
 @triton.jit(do_not_specialize=_PASS2_LENGTHS)
 def _window_pass2(
-    Q, K, BT, ROW, DMAX, SNAP, UNP, SUMS, PACKED,
-    sqh, sqw, sqd, skb, skt, skh, skd, block_size,
+    Q, KPTRS, BT, ROW, DMAX, SNAP, UNP, SUMS, PACKED,
+    sqh, sqw, sqd, skb, skt, skh, skd, block_size, HKV,
     P, W, G, R, RP, HEAD_D, num_row_blocks, tiles_per_prog, scale_log2, inv_rows, bias_lo, bias_hi,
     HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     ROUND: tl.constexpr, EXACT: tl.constexpr, SINGLE_RB: tl.constexpr, RBITS: tl.constexpr, CDT: tl.constexpr,
-    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    KDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
+    hg = tl.program_id(1).to(tl.int64)  # (layer, KV head) pair
+    K, h = _layer_keys(KPTRS, hg, HKV, KDT, ALIGNED)
     STEP: tl.constexpr = BN - 2 * HALF  # outputs per tile; tiles overlap by the pooling halo
     n_tiles = tl.cdiv(P, STEP)
     jt0 = pid * tiles_per_prog
@@ -327,14 +345,14 @@ def _window_pass2(
     a_idx = tl.arange(0, BN)
     band = tl.where(tl.abs(a_idx[:, None] - a_idx[None, :]) <= HALF, 1.0, 0.0)
     central = (a_idx >= HALF) & (a_idx < BN - HALF)
-    row = ROW + h * 4 * RP
-    sums = SUMS + h * 3 * RP
+    row = ROW + hg * 4 * RP
+    sums = SUMS + hg * 3 * RP
     if SINGLE_RB:  # the whole group fits one row block: load the queries and row stats once
         r = tl.arange(0, BR)
         rmask = r < R
         g = r // W
         i = r % W
-        qh = (h * G + g).to(tl.int64)
+        qh = (hg * G + g).to(tl.int64)
         q = tl.load(Q + qh[:, None] * sqh + i[:, None] * sqw + dd[None, :] * sqd,
                     mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
         mx = tl.load(row + r, mask=rmask, other=0.0)
@@ -372,7 +390,7 @@ def _window_pass2(
                 rmask = r < R
                 g = r // W
                 i = r % W
-                qh = (h * G + g).to(tl.int64)
+                qh = (hg * G + g).to(tl.int64)
                 q = tl.load(Q + qh[:, None] * sqh + i[:, None] * sqw + dd[None, :] * sqd,
                             mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
                 mx = tl.load(row + r, mask=rmask, other=0.0)
@@ -393,7 +411,7 @@ def _window_pass2(
             snap = _div_const(tl.sum(unp[:, None] * band, 0), KPOOL)
         else:
             snap = unp
-        out = h * P + t
+        out = hg * P + t
         if EXACT:
             tl.store(PACKED + out, colmax, mask=omask)  # turned into the max by the fixup kernel
         else:
@@ -413,7 +431,7 @@ def _window_fixup(DMAX, PACKED, ROW, SUMS, BIAS, P, R, RP, HKV, bias_src_stride,
                   BN: tl.constexpr, BRB: tl.constexpr, RBITS: tl.constexpr, ROUND: tl.constexpr,
                   DO_FIX: tl.constexpr, INTERP: tl.constexpr):
     """Defensive max with the exact rounded-row sums (pooled / (S + eps) * m, as the reference), and
-    the window bias: the mean over every (KV head, row) of its bias-column mass."""
+    the window bias of each layer: the mean over its (KV head, row)s of their bias-column mass."""
     jt = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     if DO_FIX:
@@ -429,13 +447,13 @@ def _window_fixup(DMAX, PACKED, ROW, SUMS, BIAS, P, R, RP, HKV, bias_src_stride,
         m = tl.load(SUMS + h * 3 * RP + rr, mask=ok, other=0.0)
         s = tl.load(SUMS + h * 3 * RP + RP + rr, mask=ok, other=1.0)
         tl.store(DMAX + out, tl.where(ok, pooled / (s + 1e-12) * m, 0.0), mask=tmask)
-    if (jt == 0) & (h == 0):
+    if (jt == 0) & (h % HKV == 0):
         acc = tl.zeros([BRB], tl.float32)
         for hh in range(HKV):
             for r0 in range(0, R, BRB):
                 r = r0 + tl.arange(0, BRB)
-                acc += tl.load(bias_src_off + hh * bias_src_stride + r, mask=r < R, other=0.0)
-        tl.store(BIAS, tl.sum(acc, 0) / (HKV * R))
+                acc += tl.load(bias_src_off + (h + hh) * bias_src_stride + r, mask=r < R, other=0.0)
+        tl.store(BIAS + h // HKV, tl.sum(acc, 0) / (HKV * R))
 
 
 def _next_pow2(x: int) -> int:
@@ -469,10 +487,28 @@ def _num_sms(device_type: str, index: int | None) -> int:
 
 def window_stats(queries, key_cache, block_table, seq_len, pool_kernel=5, scale=None, probs_dtype=None,
                  fix_window_bias=False, window_bias_as_tensor=False, _split_len=None):
-    from vllm_defensive.policy.scoring import WindowStats
+    """One layer: queries [Hq, W, d], key_cache [num_blocks, block_size, Hkv, d]."""
+    st = window_stats_layers(queries.unsqueeze(0), [key_cache], block_table, seq_len, pool_kernel, scale,
+                             probs_dtype, fix_window_bias, _split_len)
+    bias = st.window_bias[0]
+    return WindowStats(st.defensive_max[0], st.snapkv[0], st.unpooled_mean[0],
+                       bias if window_bias_as_tensor else float(bias))
 
-    hq, w, d = queries.shape
-    nblocks, block_size, hkv, dk = key_cache.shape
+
+def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5, scale=None, probs_dtype=None,
+                        fix_window_bias=False, _split_len=None):
+    """Every layer of one request in four launches: queries [layers, Hq, W, d], one key cache per
+    layer (the same shape, strides and dtype), one block table. Returns WindowStats with fields
+    [layers, Hkv, P] and the window bias as a [layers] device tensor (no sync)."""
+    from ._pointers import aligned16, pointer_table, same_layout
+
+    lyr, hq, w, d = queries.shape
+    if len(key_caches) != lyr or lyr == 0:
+        raise ValueError(f"{lyr} layers of queries, {len(key_caches)} key caches")
+    if not same_layout(key_caches):
+        raise ValueError("every layer's key cache must share shape, strides, dtype and device")
+    kc = key_caches[0]
+    nblocks, block_size, hkv, dk = kc.shape
     if dk != d:
         raise ValueError(f"query head dim {d} != key head dim {dk}")
     if hq % hkv:
@@ -481,18 +517,20 @@ def window_stats(queries, key_cache, block_table, seq_len, pool_kernel=5, scale=
         raise ValueError(f"pool_kernel must be odd and <= 33, got {pool_kernel}")
     if probs_dtype not in _ROUND:
         raise ValueError(f"probs_dtype must be None, float32, bfloat16 or float16, got {probs_dtype}")
-    if (hq // hkv) * queries.shape[1] > MAX_ROWS:
-        raise ValueError(f"at most {MAX_ROWS} window rows per KV head (group x window), got {(hq // hkv) * queries.shape[1]}")
+    if (hq // hkv) * w > MAX_ROWS:
+        raise ValueError(f"at most {MAX_ROWS} window rows per KV head (group x window), got {(hq // hkv) * w}")
     if block_table.dtype not in (torch.int32, torch.int64):
         raise TypeError("block_table must be int32 or int64")
     g = hq // hkv
     n = int(seq_len)
     p = n - w
     rows = g * w
+    pairs = lyr * hkv  # (layer, KV head) pairs: the kernels' head axis
     dev = queries.device
     if not block_table.is_contiguous():
         block_table = block_table.contiguous()
-    cdt = queries.dtype if queries.dtype == key_cache.dtype and queries.dtype in (torch.bfloat16, torch.float16) \
+    q = queries.reshape(lyr * hq, w, d)  # query head (layer, h * G + g) = pair * G + g
+    cdt = queries.dtype if queries.dtype == kc.dtype and queries.dtype in (torch.bfloat16, torch.float16) \
         else torch.float32
     dot_prec = "ieee" if cdt == torch.float32 else "tf32"
     interp = dev.type == "cpu"
@@ -514,7 +552,7 @@ def window_stats(queries, key_cache, block_table, seq_len, pool_kernel=5, scale=
 
     bn1 = cfg["p1_bn"]
     if _split_len is None:
-        target = max(1, cfg["p1_programs_per_sm"] * sms // max(1, hkv * nrb))
+        target = max(1, cfg["p1_programs_per_sm"] * sms // max(1, pairs * nrb))
         split_len = max(bn1, triton.cdiv(triton.cdiv(n, target), bn1) * bn1)
     else:
         split_len = int(_split_len)
@@ -524,38 +562,35 @@ def window_stats(queries, key_cache, block_table, seq_len, pool_kernel=5, scale=
         bn2 = _next_pow2(8 * half)  # keep the tile overlap (2 * half keys) a small fraction
     n_tiles = triton.cdiv(p, bn2 - 2 * half)
     rbits = max(1, (rp - 1).bit_length())  # row index of the max, padded rows included
-    progs = max(1, cfg["p2_programs_per_sm"] * sms // hkv) if dev.type == "cuda" else 2
+    progs = max(1, cfg["p2_programs_per_sm"] * sms // pairs) if dev.type == "cuda" else 2
     tiles_per_prog = triton.cdiv(n_tiles, min(progs, n_tiles))
     nprog = triton.cdiv(n_tiles, tiles_per_prog)
 
     # one workspace: pass-1 partials | row stats | exact sums | dmax | snap | unp | packed max | bias
-    sizes = [hkv * nsplit * 5 * rp, hkv * 4 * rp, hkv * 3 * rp, hkv * p, hkv * p, hkv * p, hkv * p, 1]
+    sizes = [pairs * nsplit * 5 * rp, pairs * 4 * rp, pairs * 3 * rp, pairs * p, pairs * p, pairs * p, pairs * p, lyr]
     ws = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
-    offs = [0]
-    for sz in sizes:
-        offs.append(offs[-1] + sz)
     part, rowstats, sums, dmax, snap, unp, packed, bias = ws.split(sizes)
     packed = packed.view(torch.int32)
-    kc = key_cache
+    kptrs = pointer_table([c.data_ptr() for c in key_caches], dev)
+    aligned = aligned16(key_caches)
+    kstrides = (kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3))
 
-    _window_pass1[(nrb, nsplit, hkv)](
-        queries, kc, block_table, part,
-        queries.stride(0), queries.stride(1), queries.stride(2),
-        kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3), block_size,
+    _window_pass1[(nrb, nsplit, pairs)](
+        q, kptrs, block_table, part,
+        q.stride(0), q.stride(1), q.stride(2), *kstrides, block_size, hkv,
         n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2,
-        HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], DOT_PREC=dot_prec, INTERP=interp,
-        num_warps=cfg["p1_warps"] if br >= 128 else 4, num_stages=cfg["p1_stages"],
+        HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned,
+        DOT_PREC=dot_prec, INTERP=interp, num_warps=cfg["p1_warps"] if br >= 128 else 4, num_stages=cfg["p1_stages"],
     )
     # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range)
-    _window_combine[(nrb, hkv)](part, rowstats, sums, rows, rp, nsplit, BR=br, BS=max(2, 2048 // br),
-                                EXACT=exact, num_warps=4)
-    _window_pass2[(nprog, hkv)](
-        queries, kc, block_table, rowstats, dmax, snap, unp, sums, packed,
-        queries.stride(0), queries.stride(1), queries.stride(2),
-        kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3), block_size,
+    _window_combine[(nrb, pairs)](part, rowstats, sums, rows, rp, nsplit, BR=br, BS=max(2, 2048 // br),
+                                  EXACT=exact, num_warps=4)
+    _window_pass2[(nprog, pairs)](
+        q, kptrs, block_table, rowstats, dmax, snap, unp, sums, packed,
+        q.stride(0), q.stride(1), q.stride(2), *kstrides, block_size, hkv,
         p, w, g, rows, rp, d, nrb, tiles_per_prog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
         HALF=half, KPOOL=pool_kernel, BR=br, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, SINGLE_RB=nrb == 1,
-        RBITS=rbits, CDT=_TL[cdt], DOT_PREC=dot_prec, INTERP=interp,
+        RBITS=rbits, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp,
         num_warps=cfg["p2_warps"], num_stages=cfg["p2_stages"],
     )
     if exact and not fix_window_bias:  # exact sum of the rounded probabilities, as the reference
@@ -563,11 +598,9 @@ def window_stats(queries, key_cache, block_table, seq_len, pool_kernel=5, scale=
     else:
         bias_src, bias_stride, bias_off = rowstats, 4 * rp, 3 * rp
     fix_bn = 256
-    _window_fixup[(triton.cdiv(p, fix_bn) if exact else 1, hkv if exact else 1)](
+    _window_fixup[(triton.cdiv(p, fix_bn) if exact else 1, pairs)](
         dmax, packed, rowstats, sums, bias, p, rows, rp, hkv, bias_stride, bias_src[bias_off:],
         BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd, DO_FIX=exact,
         INTERP=interp, num_warps=4,
     )
-    bias = bias.view(())
-    return WindowStats(dmax.view(hkv, p), snap.view(hkv, p), unp.view(hkv, p),
-                       bias if window_bias_as_tensor else float(bias))
+    return WindowStats(dmax.view(lyr, hkv, p), snap.view(lyr, hkv, p), unp.view(lyr, hkv, p), bias)

@@ -20,13 +20,20 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
 
 @triton.jit(do_not_specialize=["N"])  # one compile for every prompt length
 def _value_norm_kernel(
-    V, BT, WO, OUT,
-    svb, svt, svh, svd, block_size, N, G, DOUT, HEAD_D, swo, swi,
-    BTK: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
-    INTERP: tl.constexpr,
+    VPTRS, BT, WPTRS, OUT,
+    svb, svt, svh, svd, block_size, HKV, N, G, DOUT, HEAD_D, swo, swi,
+    BTK: tl.constexpr, BO: tl.constexpr, BD: tl.constexpr, CDT: tl.constexpr, VDT: tl.constexpr,
+    WDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
+    hg = tl.program_id(1).to(tl.int64)  # (layer, KV head) pair
+    layer = hg // HKV
+    h = hg % HKV
+    V = tl.load(VPTRS + layer).to(tl.pointer_type(VDT))
+    WO = tl.load(WPTRS + layer).to(tl.pointer_type(WDT))
+    if ALIGNED:  # checked on the host (a loaded pointer hides it from the compiler)
+        V = tl.multiple_of(V, 16)
+        WO = tl.multiple_of(WO, 16)
     t = pid * BTK + tl.arange(0, BTK)
     tmask = t < N
     dd = tl.arange(0, BD)
@@ -48,7 +55,7 @@ def _value_norm_kernel(
             else:
                 prod = tl.dot(v, w, input_precision=DOT_PREC)  # [BTK, BO] slice of v @ W_o^q
             acc += tl.sum(tl.abs(prod), 1)
-    tl.store(OUT + h * N + t, acc / G, mask=tmask)
+    tl.store(OUT + hg * N + t, acc / G, mask=tmask)
 
 
 def long_prompt_threshold(num_kv_heads: int, device: torch.device) -> int:
@@ -65,6 +72,21 @@ def _next_pow2(x: int) -> int:
 
 
 def value_norms(value_cache, block_table, num_tokens, o_proj_weight):
+    """One layer: fp32 [Hkv, N]."""
+    return value_norms_layers([value_cache], block_table, num_tokens, [o_proj_weight])[0]
+
+
+def value_norms_layers(value_caches, block_table, num_tokens, o_proj_weights):
+    """Every layer in one launch: one value cache and one o_proj weight per layer (each set sharing
+    shape, strides and dtype) -> fp32 [layers, Hkv, N]."""
+    from ._pointers import aligned16, pointer_table, same_layout
+
+    lyr = len(value_caches)
+    if lyr == 0 or len(o_proj_weights) != lyr:
+        raise ValueError(f"{lyr} value caches, {len(o_proj_weights)} o_proj weights")
+    if not (same_layout(value_caches) and same_layout(o_proj_weights)):
+        raise ValueError("every layer's value cache (and o_proj weight) must share shape, strides and dtype")
+    value_cache, o_proj_weight = value_caches[0], o_proj_weights[0]
     nblocks, block_size, hkv, d = value_cache.shape
     dout, hqd = o_proj_weight.shape
     if hqd % d:
@@ -74,18 +96,21 @@ def value_norms(value_cache, block_table, num_tokens, o_proj_weight):
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     g = hq // hkv
     n = int(num_tokens)
-    out = torch.empty(hkv, n, dtype=torch.float32, device=value_cache.device)
+    dev = value_cache.device
+    out = torch.empty(lyr, hkv, n, dtype=torch.float32, device=dev)
     if n == 0:
         return out
     same = value_cache.dtype == o_proj_weight.dtype and value_cache.dtype in (torch.bfloat16, torch.float16)
     cdt = value_cache.dtype if same else torch.float32
-    bt = CONFIG["bt"] if n >= long_prompt_threshold(hkv, value_cache.device) else CONFIG["bt_small"]
-    _value_norm_kernel[(triton.cdiv(n, bt), hkv)](
-        value_cache, block_table.contiguous(), o_proj_weight, out,
+    bt = CONFIG["bt"] if n >= long_prompt_threshold(hkv, dev) else CONFIG["bt_small"]
+    _value_norm_kernel[(triton.cdiv(n, bt), lyr * hkv)](
+        pointer_table([v.data_ptr() for v in value_caches], dev), block_table.contiguous(),
+        pointer_table([w.data_ptr() for w in o_proj_weights], dev), out,
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), value_cache.stride(3),
-        block_size, n, g, dout, d, o_proj_weight.stride(0), o_proj_weight.stride(1),
-        BTK=bt, BO=CONFIG["bo"], BD=max(16, _next_pow2(d)), CDT=_TL[cdt],
-        DOT_PREC="ieee" if cdt == torch.float32 else "tf32", INTERP=value_cache.device.type == "cpu",
+        block_size, hkv, n, g, dout, d, o_proj_weight.stride(0), o_proj_weight.stride(1),
+        BTK=bt, BO=CONFIG["bo"], BD=max(16, _next_pow2(d)), CDT=_TL[cdt], VDT=_TL[value_cache.dtype],
+        WDT=_TL[o_proj_weight.dtype], ALIGNED=aligned16(value_caches) and aligned16(o_proj_weights),
+        DOT_PREC="ieee" if cdt == torch.float32 else "tf32", INTERP=dev.type == "cpu",
         num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
     )
     return out

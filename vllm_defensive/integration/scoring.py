@@ -7,18 +7,24 @@ layers in one batched pass (no device sync). By default the measurements run on 
 library (pure PyTorch, on whatever device the tensors live on: the reference by construction);
 `choose_selector` swaps in the fused kernels on CUDA, and `set_selector(fn)` any other
 implementation of the same contract.
+
+`select_keep_paged` is the fused fast path for GPU caches: it measures every layer of the request
+straight out of vLLM's pages in a handful of launches (no per-layer gather, no per-layer launches)
+and hands the stacked measurements to the same method code (`compress_uniform_measured`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
 from vllm.logger import init_logger
 
-from ..policy import EvictionConfig, LayerInputs, get_method
+from ..policy import METHODS, EvictionConfig, LayerInputs, get_method
+from ..policy.methods import Measurements
 
 logger = init_logger(__name__)
 
@@ -80,3 +86,55 @@ def fallback_keep(config: EvictionConfig, context_len: int, num_kv_heads: int, k
     sinks = min(max(config.sinks, 4), keep)
     idx = torch.cat([torch.arange(sinks), torch.arange(context_len - (keep - sinks), context_len)])
     return idx.to(device).expand(num_kv_heads, keep)
+
+
+@dataclass
+class PagedRequest:
+    """One request's layers where they sit: vLLM's paged caches (GPU layout) and its block table."""
+
+    queries: torch.Tensor  # [layers, Hq, W, d] the window's post-RoPE queries
+    key_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, Hkv, d]
+    value_caches: list[torch.Tensor]  # same
+    block_table: torch.Tensor  # int32 [blocks]: the request's block ids, context first
+    context_len: int  # tokens that eviction may touch (the protected suffix excluded)
+    o_proj_weights: list[torch.Tensor | None]  # per layer [D, Hq*d]; None: value norms of 1
+    scale: float | None  # the softmax scale, shared by every layer
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.key_caches)
+
+
+def measure_paged(config: EvictionConfig, req: PagedRequest, impl: str | None = None) -> Measurements:
+    """What `EvictionMethod.measure` measures, for every layer at once, from the pages."""
+    from .. import triton_kernels
+
+    method = METHODS[config.method]
+    hkv, n = req.key_caches[0].shape[2], req.context_len
+    stats = norms = None
+    if method.uses_window:
+        probs_dtype = None if config.probs_fp32 else req.key_caches[0].dtype
+        stats = triton_kernels.paged_window_stats_layers(
+            req.queries, req.key_caches, req.block_table, n, config.pool_kernel, req.scale, probs_dtype,
+            config.fix_window_bias, impl=impl)
+    if method.uses_values:
+        if any(w is None for w in req.o_proj_weights):
+            norms = torch.ones(req.num_layers, hkv, n, device=req.queries.device)
+        else:
+            norms = triton_kernels.paged_value_norms_layers(req.value_caches, req.block_table, n,
+                                                            req.o_proj_weights, impl=impl)
+    return Measurements(hkv, n, req.queries.device, stats, norms)
+
+
+def select_keep_paged(config: EvictionConfig, req: PagedRequest, keep: int, impl: str | None = None) -> torch.Tensor:
+    """[layers, Hkv, keep] kept context indices, measured straight from the pages (the kernels on
+    CUDA); the same keep sets as `select_keep` on the gathered layers."""
+    layers, hkv, n = req.num_layers, req.key_caches[0].shape[2], req.context_len
+    if keep >= n:
+        return torch.arange(n, device=req.queries.device).expand(layers, hkv, n)
+    if req.queries.shape[2] != config.window:
+        raise ValueError(f"got {req.queries.shape[2]} window queries, config.window is {config.window}")
+    idx = get_method(config).compress_uniform_measured(measure_paged(config, req, impl), layers, keep)
+    if idx.shape != (layers, hkv, keep):
+        raise ValueError(f"selector returned {tuple(idx.shape)}, want {(layers, hkv, keep)}")
+    return idx

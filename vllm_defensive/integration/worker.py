@@ -7,9 +7,12 @@ subclasses it, and the plugin pins V1 on GPU too):
   observation-window positions computed in this step into a per-request stash (chunked prefill
   may spread the window over several steps);
 * after the forward of the step that completes a request's prefill, every layer's context keys
-  and values are read back, scored with the window queries (`scoring.select_keep`), and the kept
-  tokens plus the tail (protected suffix) are copied into the fresh blocks the scheduler chose;
-  the request's block-table row is replaced by them;
+  and values are scored with the window queries, and the kept tokens plus the tail (protected
+  suffix) are copied into the fresh blocks the scheduler chose; the request's block-table row is
+  replaced by them. On GPU caches with the kernels, scoring reads the pages directly for all
+  layers at once (`scoring.select_keep_paged`) and one launch copies every layer
+  (`triton_kernels.compact_kv`); elsewhere (the CPU build) each layer is gathered, scored by
+  the policy library (`scoring.select_keep`) and copied with plain indexing;
 * from then on, `_prepare_inputs` keeps positions logical (RoPE) but recomputes the slot mapping
   from `position - offset` and subtracts the offset from the attention `seq_lens`.
 """
@@ -28,7 +31,7 @@ from . import compat, debug
 from .config import server_config
 from .layout import CpuLayout, GpuLayout, KVLayout
 from .plan import STATS_ATTR, STEP_ATTR, CompactionPlan, WorkerStats
-from .scoring import choose_selector, fallback_keep, select_keep
+from .scoring import PagedRequest, choose_selector, fallback_keep, select_keep, select_keep_paged
 
 logger = init_logger(__name__)
 
@@ -69,6 +72,10 @@ class WorkerEviction:
         self.step_plan = None
         self.pending_stats: dict[str, WorkerStats] = {}
         self.scoring_path = choose_selector(self.device)
+        # Straight from the pages (all layers per launch) where the kernels run on GPU pages; the
+        # layers must share one softmax scale (they do in every decoder vLLM serves).
+        self.paged = self.scoring_path == "triton" and isinstance(self.layout, GpuLayout) \
+            and len({layer.impl.scale for layer in self.layers}) == 1
         if self.scoring_path == "triton":
             try:
                 self._warm_up_kernels()
@@ -86,9 +93,11 @@ class WorkerEviction:
         raise compat.UnsupportedVllmError(f"--kv-eviction does not know the KV layout of backend {backend}")
 
     def _warm_up_kernels(self) -> None:
-        """JIT-compile the scoring kernels at start-up for this model's shapes and dtype, so the
-        first requests do not pay seconds of Triton compilation inside an engine step (the
-        kernels name the few prompt lengths that cover their compile variants)."""
+        """JIT-compile the scoring and compaction kernels at start-up for this model's shapes,
+        dtype and cache layout, so the first requests do not pay seconds of Triton compilation
+        inside an engine step (the kernels name the few prompt lengths that cover their compile
+        variants). Nothing is being served yet: the pages read hold no request, and the warm-up
+        copy writes every token onto itself."""
         from .. import triton_kernels
 
         t0 = time.perf_counter()
@@ -96,6 +105,9 @@ class WorkerEviction:
         window = self.server.window
         with torch.inference_mode():
             for n in triton_kernels.warmup_lengths(self.num_kv_heads, window, self.device):
+                if self.paged:
+                    self._warm_up_paged(n, window, weights)
+                    continue
                 q = torch.randn(self.num_heads, window, self.head_size, dtype=self.dtype, device=self.device)
                 k = torch.randn(self.num_kv_heads, n, self.head_size, dtype=self.dtype, device=self.device)
                 inp = LayerInputs(q, k, k.clone(), weights[0], self.layers[0].impl.scale)
@@ -105,6 +117,22 @@ class WorkerEviction:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         logger.info("KV eviction kernels warmed up in %.1f s", time.perf_counter() - t0)
+
+    def _warm_up_paged(self, n: int, window: int, weights) -> None:
+        keys, values = self._kv_views()
+        blocks = -(-n // self.block_size)
+        if blocks >= keys[0].shape[0]:  # a cache this small never holds such a prompt
+            return
+        table = self._block_table(list(range(1, blocks + 1)))  # block 0 is vLLM's null block
+        q = torch.randn(len(self.layers), self.num_heads, window, self.head_size, dtype=self.dtype,
+                        device=self.device)
+        req = PagedRequest(q, keys, values, table, n, weights, self.layers[0].impl.scale)
+        for method in ("snapkv", "defensivekv"):
+            select_keep_paged(EvictionConfig(method=method, window=window, budget=0.5), req, n // 2)
+        same = torch.arange(n, device=self.device).expand(len(self.layers), self.num_kv_heads, n)
+        from .. import triton_kernels
+
+        triton_kernels.compact_kv(keys, values, same, table, table)
 
     # -- query capture --------------------------------------------------------------------------
     def _install_query_hooks(self) -> None:
@@ -243,18 +271,24 @@ class WorkerEviction:
             queries = self.stash.get(rid)
             if queries is None or not self.filled[rid].all():
                 raise RuntimeError("observation-window queries were not all captured")
-            keep_idx = self._score(cfg, queries, ctx_slots, keep)
+            if self.paged:
+                keep_idx = self._score_paged(cfg, queries, src_blocks, ctx, keep)
+            else:
+                keep_idx = self._score(cfg, queries, ctx_slots, keep)
         except Exception as e:  # blocks are already committed: fall back, never corrupt
             logger.exception("KV scoring failed for request %s", rid)
             stats.error = f"{type(e).__name__}: {e}"
-            keep_idx = [fallback_keep(cfg, ctx, heads, keep, self.device)] * len(self.layers)
+            keep_idx = fallback_keep(cfg, ctx, heads, keep, self.device).expand(len(self.layers), heads, keep)
         sync()
         t1 = time.perf_counter()
-        tail_rows = tail_slots.expand(heads, -1)
-        for layer, idx in zip(self.layers, keep_idx):
-            src = torch.cat([ctx_slots[idx], tail_rows], dim=1)
-            k, v = self.layout.gather(layer.kv_cache, src)
-            self.layout.scatter(layer.kv_cache, dst_slots, k, v)
+        if self.paged:
+            self._copy_paged(keep_idx, src_blocks, cp.dst_block_ids, ctx, tail)
+        else:
+            tail_rows = tail_slots.expand(heads, -1)
+            for layer, idx in zip(self.layers, keep_idx):
+                src = torch.cat([ctx_slots[idx], tail_rows], dim=1)
+                k, v = self.layout.gather(layer.kv_cache, src)
+                self.layout.scatter(layer.kv_cache, dst_slots, k, v)
         sync()
         t2 = time.perf_counter()
         stats.score_ms, stats.compact_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
@@ -293,6 +327,35 @@ class WorkerEviction:
 
         shape = (len(self.layers), heads, ctx_slots.numel())
         return select_keep(cfg, layer_inputs(), keep, shape, self.device).to(torch.long)
+
+    def _kv_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's K and V halves, [num_blocks, block_size, Hkv, d] views of its cache."""
+        return [layer.kv_cache[:, 0] for layer in self.layers], [layer.kv_cache[:, 1] for layer in self.layers]
+
+    def _block_table(self, block_ids: list[int]) -> torch.Tensor:
+        return torch.tensor(block_ids, dtype=torch.int32).to(self.device, non_blocking=True)
+
+    def _score_paged(self, cfg: EvictionConfig, queries: torch.Tensor, src_blocks: list[int], ctx: int,
+                     keep: int) -> torch.Tensor:
+        """[layers, Hkv, keep] kept context indices, every layer measured from its pages at once."""
+        keys, values = self._kv_views()
+        needs_values = METHODS[cfg.method].uses_values
+        req = PagedRequest(queries=queries, key_caches=keys, value_caches=values,
+                           block_table=self._block_table(src_blocks), context_len=ctx,
+                           o_proj_weights=self.o_proj_weights() if needs_values else [None] * len(self.layers),
+                           scale=self.layers[0].impl.scale)
+        return select_keep_paged(cfg, req, keep).to(torch.long)
+
+    def _copy_paged(self, keep_idx: torch.Tensor, src_blocks: list[int], dst_blocks: list[int], ctx: int,
+                    tail: int) -> None:
+        """One launch: every layer's kept context tokens, then the tail, into the fresh blocks."""
+        from .. import triton_kernels
+
+        layers, heads, _ = keep_idx.shape
+        tail_idx = torch.arange(ctx, ctx + tail, device=self.device).expand(layers, heads, tail)
+        kept = torch.cat([keep_idx.to(torch.long), tail_idx], dim=2)
+        keys, values = self._kv_views()
+        triton_kernels.compact_kv(keys, values, kept, self._block_table(src_blocks), self._block_table(dst_blocks))
 
     def take_stats(self) -> dict[str, WorkerStats] | None:
         stats, self.pending_stats = self.pending_stats, {}

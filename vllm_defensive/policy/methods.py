@@ -205,13 +205,21 @@ class EvictionMethod:
                 measured.append(Measurements.of(inp))
         if not measured:
             raise ValueError("no layers to compress")
-        m = Measurements.stack(measured)
+        return self.compress_uniform_measured(Measurements.stack(measured), len(measured), per_head)
+
+    def compress_uniform_measured(self, m: Measurements, num_layers: int, per_head: int | None = None) -> torch.Tensor:
+        """The second half of `compress_uniform_layers`: [layers, Hkv, k] kept indices from
+        measurements stacked over the layers (taken by `measure`, or by a fast path that measures
+        every layer at once and promises the same fields: `stats` when `uses_window`, `norms`
+        when `uses_values`)."""
         n, hkv, k = m.context_len, m.num_kv_heads, self._uniform_k(m.context_len, per_head)
         if k >= n:
-            return torch.arange(n, device=m.device).expand(len(measured), hkv, n).clone()
+            return torch.arange(n, device=m.device).expand(num_layers, hkv, n).clone()
+        if self.config.window >= n:
+            raise ValueError(f"window ({self.config.window}) must be shorter than the context ({n})")
         scored = self.uniform_scores(self.score(m, k))
         mask = self.select(scored, uniform_counts(hkv, k, m.device))
-        return uniform_indices(mask.expand(len(measured), hkv, n), k)
+        return uniform_indices(mask.expand(num_layers, hkv, n), k)
 
     def _uniform_k(self, n: int, per_head: int | None) -> int:
         return self.config.keep_per_head(n) if per_head is None else min(per_head, n)

@@ -1,0 +1,42 @@
+"""Device-side tables of base addresses, so one launch can reach every layer's cache.
+
+vLLM keeps each layer's KV cache (and each layer's o_proj weight) in its own tensor; the kernels
+that cover all layers in one launch take a table of their base addresses and load the base of
+the layer they work on. The caches live for the engine's lifetime, so the tables are cached
+instead of copied host -> device (a pageable copy stalls the host) on every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_TABLES: dict[tuple, torch.Tensor] = {}
+_MAX_TABLES = 32
+
+
+def pointer_table(addrs: Sequence[int], device: torch.device) -> torch.Tensor:
+    """int64 device tensor holding `addrs` (cached by value)."""
+    key = (device.type, device.index, tuple(addrs))
+    t = _TABLES.get(key)
+    if t is None:
+        if len(_TABLES) >= _MAX_TABLES:
+            _TABLES.clear()
+        t = torch.tensor(list(addrs), dtype=torch.int64, device=device)
+        _TABLES[key] = t
+    return t
+
+
+def same_layout(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when every tensor shares shape, strides and dtype with the first: one launch can then
+    address them all with the first one's strides."""
+    first = tensors[0]
+    return all(t.shape == first.shape and t.stride() == first.stride() and t.dtype == first.dtype
+               and t.device == first.device for t in tensors)
+
+
+def aligned16(tensors: Sequence[torch.Tensor]) -> bool:
+    """Every base address 16-byte aligned: lets a kernel promise it (tl.multiple_of) to the
+    compiler, which a loaded pointer otherwise hides, and keep its vectorised loads."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors)

@@ -11,6 +11,12 @@ selection for all layers), on the two selectors the worker can use:
   triton   the same methods on the fused kernels (`kernel_selector`, the default on CUDA)
   triton_layer_by_layer   the kernels, but each layer scored and selected on its own (what the
            worker did before the batched selection)
+  paged    what the worker runs on GPU caches now (`select_keep_paged`): no gather, every layer
+           measured by the layered kernels in a handful of launches, one batched selection
+
+and the compaction that follows (kept tokens of every layer into fresh pages): `compact_indexing`,
+the per-layer gather + scatter by advanced indexing (the worker's CPU path and its GPU path before
+the one-launch kernel), against `compact_kernel` (`triton_kernels.compact_kv`, one launch).
 
 Shapes: Qwen2.5-0.5B (24 layers, 14/2 heads, d 64, hidden 896) and Llama-3.1-8B (32 layers, 32/8,
 d 128, hidden 4096), bf16, window 32, budget 0.2. Writes scoring_path.json and scoring_path.png.
@@ -46,7 +52,7 @@ def make_request(shape: dict, tokens: int, layers: int, device, dtype=torch.bflo
     """Paged K/V of one request (shuffled blocks, FlashAttention layout), window queries, W_o."""
     g = torch.Generator(device="cpu").manual_seed(tokens)
     nblk = -(-tokens // BLOCK)
-    table = torch.randperm(nblk * 2, generator=g)[:nblk].to(device)
+    table = torch.randperm(nblk * 2, generator=g)[:nblk].to(device)  # the other half: fresh pages
     out = []
     for _ in range(layers):
         cache = torch.randn(nblk * 2, 2, BLOCK, shape["hkv"], shape["d"], generator=g).to(device, dtype)
@@ -55,7 +61,7 @@ def make_request(shape: dict, tokens: int, layers: int, device, dtype=torch.bflo
         out.append((cache, q, wo))
     t = torch.arange(tokens, device=device)
     slots = table[t // BLOCK] * BLOCK + t % BLOCK
-    return out, slots
+    return out, slots, table
 
 
 def score_request(layers, slots, cfg: EvictionConfig, keep: int, hkv: int):
@@ -73,6 +79,41 @@ def score_request(layers, slots, cfg: EvictionConfig, keep: int, hkv: int):
             yield LayerInputs(q, k, v, wo)
 
     return select_keep(cfg, inputs(), keep, (len(layers), hkv, slots.numel()), slots.device)
+
+
+def paged_request(layers, table, tokens: int):
+    from vllm_defensive.integration.scoring import PagedRequest
+
+    return PagedRequest(queries=torch.stack([q for _, q, _ in layers]), key_caches=[c[:, 0] for c, _, _ in layers],
+                        value_caches=[c[:, 1] for c, _, _ in layers], block_table=table.to(torch.int32),
+                        context_len=tokens, o_proj_weights=[wo for _, _, wo in layers], scale=None)
+
+
+def compaction_times(layers, table, slots, kept, repeat, sync) -> dict:
+    """The copy after scoring: into fresh pages, per-layer indexing vs the one-launch kernel."""
+    from vllm_defensive import triton_kernels as tk
+    from vllm_defensive.integration.layout import GpuLayout
+
+    nblocks = layers[0][0].shape[0]
+    hkv, keep = kept.shape[1], kept.shape[2]
+    dst_blocks = -(-keep // BLOCK)
+    used = set(table.tolist())
+    free = torch.tensor([b for b in range(nblocks) if b not in used][:dst_blocks], device=table.device)
+    if free.numel() < dst_blocks:
+        return {}
+    layout = GpuLayout(BLOCK, hkv, layers[0][0].shape[-1])
+    pos = torch.arange(keep, device=table.device)
+    dst = (free[pos // BLOCK] * BLOCK + pos % BLOCK).expand(hkv, -1)
+
+    def indexing():
+        for (cache, _, _), idx in zip(layers, kept):
+            k, v = layout.gather(cache, slots[idx])
+            layout.scatter(cache, dst, k, v)
+
+    def kernel():
+        tk.compact_kv([c[:, 0] for c, _, _ in layers], [c[:, 1] for c, _, _ in layers], kept, table, free)
+
+    return {"compact_indexing_ms": timed(indexing, repeat, sync)[0], "compact_kernel_ms": timed(kernel, repeat, sync)[0]}
 
 
 def timed(fn, repeat: int, sync) -> tuple[float, float]:
@@ -122,7 +163,7 @@ def main():
         shape = SHAPES[shape_name]
         n_layers = args.layers or shape["layers"]
         for tokens in args.tokens:
-            layers, slots = make_request(shape, tokens, n_layers, device)
+            layers, slots, table = make_request(shape, tokens, n_layers, device)
             for method in args.methods:
                 cfg = EvictionConfig(method=method, budget=0.2)
                 keep = cfg.keep_per_head(tokens)
@@ -138,6 +179,12 @@ def main():
                         scoring.set_selector(None)
                     scale = shape["layers"] / n_layers
                     results[name] = {"request_ms": ms and ms * scale, "peak_extra_mb": peak}
+                if "triton" in selectors:
+                    req = paged_request(layers, table, tokens)
+                    run = lambda: scoring.select_keep_paged(cfg, req, keep)  # noqa: E731
+                    ms, peak = timed(run, args.repeat, sync)
+                    kept["paged"] = run()
+                    results["paged"] = {"request_ms": ms * shape["layers"] / n_layers, "peak_extra_mb": peak}
                 agree = None
                 if "triton" in kept and "torch" in kept:  # keep-set agreement (bf16 ties may reorder a few)
                     a, b = kept["torch"], kept["triton"]
@@ -147,6 +194,11 @@ def main():
                        "keep_per_head": keep, "selectors": results, "keep_set_overlap": agree}
                 if "triton_layer_by_layer" in kept and "triton" in kept:
                     row["batched_equals_layer_by_layer"] = bool(torch.equal(kept["triton"], kept["triton_layer_by_layer"]))
+                if "paged" in kept:
+                    row["paged_equals_batched"] = bool(torch.equal(kept["paged"].long(), kept["triton"].long()))
+                    if method == args.methods[-1]:
+                        row.update({k: v * shape["layers"] / n_layers for k, v in compaction_times(
+                            layers, table, slots, kept["paged"].long(), args.repeat, sync).items()})
                 if results.get("triton", {}).get("request_ms") and results["torch"]["request_ms"]:
                     row["speedup"] = results["torch"]["request_ms"] / results["triton"]["request_ms"]
                 rows.append(row)
@@ -162,7 +214,8 @@ def main():
             pass
     doc = {"device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.machine()})", "versions": vers,
            "command": " ".join(sys.argv), "what": "one request's scoring in the engine step (all layers, budget 0.2, "
-           "window 32, bf16, paged block size 16): gather + score + select, median of --repeat", "runs": rows}
+           "window 32, bf16, paged block size 16): gather + score + select, median of --repeat; compaction "
+           "of the kept tokens of every layer into fresh pages (compact_*_ms)", "runs": rows}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "scoring_path.json"), "w") as f:
         json.dump(doc, f, indent=1)
@@ -179,7 +232,7 @@ def plot(doc, path):
     labels = [f"{r['shape']}\n{r['tokens'] // 1024}K {r['method']}" for r in runs]
     x = range(len(runs))
     fig, ax = plt.subplots(figsize=(max(8, len(runs) * 0.9), 4.5))
-    names = [n for n in ("torch", "triton_layer_by_layer", "triton") if any(n in r["selectors"] for r in runs)]
+    names = [n for n in ("torch", "triton_layer_by_layer", "triton", "paged") if any(n in r["selectors"] for r in runs)]
     width = 0.8 / len(names)
     for j, name in enumerate(names):
         ys = [(r["selectors"].get(name) or {}).get("request_ms") or 0 for r in runs]

@@ -42,6 +42,9 @@ def test_console_script_lists_eval():
     (["--lengths", "four"], "is not a number of tokens"),
     (["--samples", "0"], "must be > 0"),
     (["--concurrency", "-1"], "must be > 0"),
+    (["--xargs", "{bad"], "not JSON"),
+    (["--xargs", '{"uniform_norm": "raw"}'], "a JSON object of kv_* fields"),
+    (["--xargs", '{"kv_budget": 0.5}'], "kv_budget come from --methods"),
 ])
 def test_bad_options_fail_with_a_message(args, message, capsys, tmp_path):
     code, _, err = _main(["eval", "--out", str(tmp_path), "--endpoint", "http://x", "--tokenizer", "t", *args], capsys)

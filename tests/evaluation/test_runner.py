@@ -217,3 +217,17 @@ def test_unreachable_endpoint(tmp_path, smollm2_dir, ruler_cache, ruler_data):
     cfg = _cfg(tmp_path, smollm2_dir, ruler_cache, endpoint="http://127.0.0.1:9", timeout=5)
     with pytest.raises(runner.EvalError, match="cannot use endpoint"):
         asyncio.run(runner.evaluate_async(cfg))
+
+
+def test_extra_xargs_ride_on_evicting_requests_only(tmp_path, smollm2_dir, ruler_cache, ruler_data):
+    """--xargs (a method variant) goes on every evicting request, never on the full-cache ones."""
+    fake = FakeEndpoint(ruler_data)
+    extra = {"kv_uniform_norm": "raw", "kv_uniform_floor": True}
+    out = _run(_cfg(tmp_path, smollm2_dir, ruler_cache, extra_xargs=extra, protocols=["query_aware"]), fake)
+    assert not out["failures"]
+    for b in fake.bodies[1:]:
+        x = b["vllm_xargs"]
+        if x["kv_eviction"] == "none":
+            assert x == {"kv_eviction": "none"}
+        else:
+            assert {k: x[k] for k in extra} == extra

@@ -13,6 +13,7 @@ summary.json and quality.png from all the results in --out (several models can s
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -60,6 +61,23 @@ def _positive(kind):
     return parse
 
 
+# Set by the harness from --methods / --budgets / --protocols: --xargs may not change them.
+_HARNESS_XARGS = ("kv_eviction", "kv_budget", "kv_budget_tokens", "kv_protect_suffix")
+
+
+def _extra_xargs(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.startswith("kv_") for k in value):
+        raise argparse.ArgumentTypeError('a JSON object of kv_* fields, e.g. {"kv_uniform_norm": "raw"}')
+    fixed = [k for k in value if k in _HARNESS_XARGS]
+    if fixed:
+        raise argparse.ArgumentTypeError(f"{', '.join(fixed)} come from --methods / --budgets / --protocols")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="RULER quality of KV eviction methods through an OpenAI-compatible endpoint",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,6 +108,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="fractions of the context kept (default 0.1,0.2,0.4)")
     g.add_argument("--protocols", type=_wrap(protocols.parse_protocols), default=list(protocols.PROTOCOLS),
                    help="query_aware, query_agnostic or both (default both)")
+    g.add_argument("--xargs", type=_extra_xargs, default={}, metavar="JSON",
+                   help="more per-request fields on every evicting request, e.g. "
+                        "'{\"kv_uniform_norm\": \"raw\", \"kv_uniform_floor\": true}' (a method variant; "
+                        "write it to its own --out, and compare runs with benchmarks/quality/paired.py)")
     g.add_argument("--require-eviction", action="store_true",
                    help="fail unless responses carry the plugin's kv_eviction record")
     g = p.add_argument_group("output")
@@ -119,7 +141,7 @@ def config_from_args(args: argparse.Namespace):
         cache_dir=args.cache_dir, prompt_format=args.prompt_format, max_new_tokens=args.max_new_tokens,
         timeout=args.timeout, retries=args.retries, n_boot=args.bootstrap, device=args.device,
         api_key=args.api_key, prepare_jobs=args.prepare_jobs, require_eviction=args.require_eviction,
-        progress=not args.no_progress, notes=list(args.note),
+        progress=not args.no_progress, notes=list(args.note), extra_xargs=dict(args.xargs),
     )
 
 

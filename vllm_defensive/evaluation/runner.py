@@ -50,6 +50,7 @@ class EvalConfig:
     require_eviction: bool = False
     progress: bool = True
     notes: list[str] = field(default_factory=list)  # free text for results.json (server flags, ...)
+    extra_xargs: dict = field(default_factory=dict)  # more vllm_xargs on every evicting request
     command: list[str] = field(default_factory=report.command_line)
 
 
@@ -107,6 +108,14 @@ def _record(job: Job, model: str, comp, xargs: dict) -> dict:
     }
 
 
+def _xargs(cfg: EvalConfig, job: Job) -> dict:
+    """The request's vllm_xargs: method, budget and protocol, plus --xargs where it evicts."""
+    xargs = protocols.request_overrides(job.method, job.budget, job.protocol, job.sample.question_tokens)
+    if job.method != protocols.FULL_CACHE:
+        xargs.update(cfg.extra_xargs)
+    return xargs
+
+
 def _max_tokens(cfg: EvalConfig, s: tasks.Sample) -> int:
     return min(s.max_new_tokens, cfg.max_new_tokens) if cfg.max_new_tokens else s.max_new_tokens
 
@@ -114,7 +123,7 @@ def _max_tokens(cfg: EvalConfig, s: tasks.Sample) -> int:
 async def _probe(client: CompletionClient, cfg: EvalConfig, job: Job) -> dict:
     """One short request before the run: the endpoint accepts the overrides and counts tokens as we do."""
     s = job.sample
-    xargs = protocols.request_overrides(job.method, job.budget, job.protocol, s.question_tokens)
+    xargs = _xargs(cfg, job)
     try:
         comp = await client.complete(s.prompt, 1, xargs)
     except EndpointError as e:
@@ -160,7 +169,7 @@ async def _run_jobs(cfg: EvalConfig, client: CompletionClient, model_label: str,
             except asyncio.QueueEmpty:
                 return
             s = job.sample
-            xargs = protocols.request_overrides(job.method, job.budget, job.protocol, s.question_tokens)
+            xargs = _xargs(cfg, job)
             try:
                 comp = await client.complete(s.prompt, _max_tokens(cfg, s), xargs)
             except EndpointError as e:

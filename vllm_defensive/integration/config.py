@@ -25,7 +25,12 @@ REQUEST_KEYS = {
     "kv_budget": "budget",
     "kv_budget_tokens": "budget_tokens",
     "kv_protect_suffix": "protect_suffix",
+    "kv_uniform_floor": "uniform_floor",
+    "kv_uniform_norm": "uniform_norm",
 }
+# The JSON type each request field must have (numbers otherwise): "0.2" or true would be coerced.
+REQUEST_TYPES = {"method": (str, "a method name"), "uniform_floor": (bool, "true or false"),
+                 "uniform_norm": (str, '"share" or "raw"')}
 # CLI flag (argparse dest) -> EvictionConfig field.
 CLI_FLAGS = {
     "kv_eviction": "method",
@@ -121,11 +126,11 @@ def resolve(server: ServerConfig, extra_args: dict | None) -> EvictionConfig:
     fields = base.model_dump()
     for key, value in overrides.items():
         name = REQUEST_KEYS[key]
-        if isinstance(value, bool) or (name != "method" and isinstance(value, str)):
-            # JSON numbers only: "0.2" or true would be silently coerced otherwise.
-            raise ValueError(f"{key}: expected a number, got {value!r}")
-        if name == "method" and not isinstance(value, str):
-            raise ValueError(f"{key}: expected a method name, got {value!r}")
+        want, what = REQUEST_TYPES.get(name, ((int, float), "a number"))
+        if want is bool and not isinstance(value, bool) and value in (0, 1) and isinstance(value, int):
+            value = bool(value)  # the OpenAI server's vllm_xargs schema turns JSON true into 1
+        if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
+            raise ValueError(f"{key}: expected {what}, got {value!r}")
         fields[name] = value
     if "kv_budget" in overrides and "kv_budget_tokens" not in overrides:
         fields["budget_tokens"] = None

@@ -33,7 +33,10 @@
 # recomputes and scores exactly as without caching (tests/integration/test_engine.py, issue test
 # 4); 0 for a cross-check, ~10x more prefill), GPU_MEM_UTIL (0.85), DATA (tmp/quality-data), WORK
 # (/tmp/kvd-quality), MODEL_DIR (default $GPU_MODEL_DIR), PORT (8000), KEEP_SERVER (0),
-# SERVER_ARGS (extra vllm serve flags).
+# SERVER_ARGS (extra vllm serve flags), XARGS (a JSON object of more per-request fields for every
+# evicting request: a method variant, e.g. '{"kv_uniform_norm": "raw", "kv_uniform_floor": true}')
+# with RUN_NAME (its results folder under $WORK, default the model name; the running server is
+# reused, so a variant runs on the same server right after the default).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -110,7 +113,7 @@ cmd_eval() {
   if ! python3 -c "from importlib.metadata import entry_points as e; import sys; sys.exit(0 if any(x.name == 'defensive' for x in e(group='vllm.general_plugins')) else 1)"; then
     python3 -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
   fi
-  local out="$WORK/$model" log="$WORK/server.log" port=${PORT:-8000}
+  local out="$WORK/${RUN_NAME:-$model}" log="$WORK/server.log" port=${PORT:-8000}
   mkdir -p "$out"
   if [[ -n ${RESUME:-} && ! -s $out/samples.jsonl ]]; then
     python3 -c "import lzma,sys,shutil; shutil.copyfileobj((lzma.open if sys.argv[1].endswith('.xz') else open)(sys.argv[1],'rb'), open(sys.argv[2],'wb'))" "$RESUME" "$out/samples.jsonl"
@@ -149,6 +152,7 @@ cmd_eval() {
                 --cache-dir "$DATA/ruler" --tasks "$TASKS" --lengths "$lengths" --samples "$SAMPLES" --seed "$SEED"
                 --protocols "$PROTOCOLS" --out "$out" --concurrency "$CONCURRENCY" --require-eviction
                 --no-progress ${device:+--device "$device"} --note "$name server: vllm serve $server_flags")
+  [[ -n ${XARGS:-} ]] && common+=(--xargs "$XARGS" --note "every evicting request also sent vllm_xargs $XARGS")
   # Headline first (20% budget, core methods), then the other budgets, then the extra methods:
   # a call cut short by DEADLINE still has the comparison the issue asks for.
   local rc=0 stage

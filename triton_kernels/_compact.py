@@ -50,7 +50,9 @@ def _copy_chunk(base, IDX, SRC_BT, DST_BT, i, K_KEEP, h, sb, st, sh, sd, block_s
     tl.store(base + dblk[:, None] * sb + doff[:, None] * st + h * sh + dd[None, :] * sd, x, mask=m2)
 
 
-@triton.jit
+# The kept count and the strides that follow it vary per request: not specialised, so the copy
+# compiles once per model instead of once per "divisible by 16" pattern of the count.
+@triton.jit(do_not_specialize=["K_KEEP", "idx_sl", "idx_sh", "src_sl", "dst_sl"])
 def _compact_kernel(
     PTRS, IDX, SRC_BT, DST_BT,
     sb, st, sh, sd, block_size, K_KEEP, HEAD_D, idx_sl, idx_sh, src_sl, dst_sl,

@@ -1,7 +1,7 @@
 """Fused window scoring over paged keys (Triton), matching `policy.scoring.window_stats`.
 
-Never materialises the [Hq, W, L] probability matrix. Four launches cover every layer of a
-request (`window_stats_layers`; `window_stats` is the one-layer case), one workspace. The kernels'
+Never materialises the [Hq, W, L] probability matrix. Four launches (five with rounded
+probabilities, the default) cover every layer of a request (`window_stats_layers`; `window_stats` is the one-layer case), one workspace. The kernels'
 head axis runs over (layer, KV head) pairs: queries, row statistics and outputs are laid out by
 pair, and each program loads its layer's key-cache base from a table of addresses (vLLM keeps one
 cache tensor per layer; the layers share the request's block table and one layout).
@@ -34,8 +34,9 @@ deficit m - S next to the softmax sums, so each row's scale c = m / (S + eps) is
 `probs_dtype` rounding (the official code casts the fp32 probabilities to the model dtype before
 pooling, and pooling casts back to it): pass 2 rounds each probability and each pooled value to
 nearest-even like torch. The reference's m and S are then sums of ROUNDED values, which pass 1
-cannot know; pass 2 accumulates them exactly (atomics per row) and records, per token, which row
-gave the max (packed into the low bits of the max itself), and the fixup kernel recomputes that
+cannot know; pass 2 accumulates them exactly (per-program partial sums per row, which
+`_window_sums` adds in a fixed order: no atomics, so every run gives the same bits, and so does
+the keep set) and records, per token, which row gave the max (packed into the low bits of the max itself), and the fixup kernel recomputes that
 row's pooled / (S + eps) * m with the exact sums: the reference's formula, up to float32
 summation order. The row is chosen with pass 1's unrounded scale, so where two rows tie within
 that scale's error (under one ulp of probs_dtype) the value may be the other row's. The official
@@ -166,8 +167,9 @@ def _div_const(x, KPOOL: tl.constexpr):
 # "divisible by 16" / "== 1" pattern of them, i.e. a fresh multi-second JIT inside an engine step
 # for the first prompt of an unseen pattern); they only bound loops and masks. Strides stay
 # specialised: they are fixed per model and drive vectorised loads.
-_PASS1_LENGTHS = ["L", "P", "bias_lo", "bias_hi", "split_len", "num_splits"]
-_PASS2_LENGTHS = ["P", "num_row_blocks", "tiles_per_prog", "bias_lo", "bias_hi"]
+# block_size too: the dense entry points (`window_stats` on [Hkv, L, d] keys) pass one block of L.
+_PASS1_LENGTHS = ["L", "P", "bias_lo", "bias_hi", "split_len", "num_splits", "block_size"]
+_PASS2_LENGTHS = ["P", "num_row_blocks", "tiles_per_prog", "num_progs", "bias_lo", "bias_hi", "block_size"]
 
 
 @triton.jit(do_not_specialize=_PASS1_LENGTHS)
@@ -238,7 +240,7 @@ def _window_pass1(
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _window_combine(PART, ROW, SUMS, R, RP, num_splits, BR: tl.constexpr, BS: tl.constexpr, EXACT: tl.constexpr):
+def _window_combine(PART, ROW, R, RP, num_splits, BR: tl.constexpr, BS: tl.constexpr):
     """Merge the pass-1 splits: [BS splits x BR rows] tiles, so the loads are not a serial chain."""
     rb = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -273,12 +275,6 @@ def _window_combine(PART, ROW, SUMS, R, RP, num_splits, BR: tl.constexpr, BS: tl
     tl.store(out + RP + r, inv_l, mask=rmask)
     tl.store(out + 2 * RP + r, c, mask=rmask)
     tl.store(out + 3 * RP + r, l_b * inv_l, mask=rmask)
-    if EXACT:  # pass 2 accumulates into these with atomics
-        zero = tl.zeros([BR], tl.float32)
-        sums = SUMS + h * 3 * RP
-        tl.store(sums + r, zero, mask=rmask)
-        tl.store(sums + RP + r, zero, mask=rmask)
-        tl.store(sums + 2 * RP + r, zero, mask=rmask)
 
 
 @triton.jit
@@ -326,9 +322,9 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, omask, edge_tile, band, bias_col, do_
 
 @triton.jit(do_not_specialize=_PASS2_LENGTHS)
 def _window_pass2(
-    Q, KPTRS, BT, ROW, DMAX, SNAP, UNP, SUMS, PACKED,
+    Q, KPTRS, BT, ROW, DMAX, SNAP, UNP, PSUMS, PACKED,
     sqh, sqw, sqd, skb, skt, skh, skd, block_size, HKV,
-    P, W, G, R, RP, HEAD_D, num_row_blocks, tiles_per_prog, scale_log2, inv_rows, bias_lo, bias_hi,
+    P, W, G, R, RP, HEAD_D, num_row_blocks, tiles_per_prog, num_progs, scale_log2, inv_rows, bias_lo, bias_hi,
     HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     ROUND: tl.constexpr, EXACT: tl.constexpr, SINGLE_RB: tl.constexpr, RBITS: tl.constexpr, CDT: tl.constexpr,
     KDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
@@ -346,7 +342,16 @@ def _window_pass2(
     band = tl.where(tl.abs(a_idx[:, None] - a_idx[None, :]) <= HALF, 1.0, 0.0)
     central = (a_idx >= HALF) & (a_idx < BN - HALF)
     row = ROW + hg * 4 * RP
-    sums = SUMS + hg * 3 * RP
+    # This program's own partial row sums (EXACT): no atomics, so the totals, summed over the
+    # programs in a fixed order by _window_sums, are the same on every run.
+    sums = PSUMS + (hg * num_progs + pid) * 3 * RP
+    if EXACT and not SINGLE_RB:
+        for rb in range(num_row_blocks):
+            r0 = rb * BR + tl.arange(0, BR)
+            zero = tl.zeros([BR], tl.float32)
+            tl.store(sums + r0, zero, mask=r0 < R)
+            tl.store(sums + RP + r0, zero, mask=r0 < R)
+            tl.store(sums + 2 * RP + r0, zero, mask=r0 < R)
     if SINGLE_RB:  # the whole group fits one row block: load the queries and row stats once
         r = tl.arange(0, BR)
         rmask = r < R
@@ -402,10 +407,14 @@ def _window_pass2(
                 unp += unp_b
                 colmax = tl.maximum(colmax, colmax_b)
                 if EXACT:
-                    tl.atomic_add(sums + r, msum, mask=rmask, sem="relaxed")
-                    tl.atomic_add(sums + RP + r, ssum, mask=rmask, sem="relaxed")
+                    # read-modify-write of rows only this program touches; the barrier orders it
+                    # after the previous tile's write of the same rows by other threads
+                    tl.debug_barrier()
+                    tl.store(sums + r, tl.load(sums + r, mask=rmask, other=0.0) + msum, mask=rmask)
+                    tl.store(sums + RP + r, tl.load(sums + RP + r, mask=rmask, other=0.0) + ssum, mask=rmask)
                     if do_bias:
-                        tl.atomic_add(sums + 2 * RP + r, bsum, mask=rmask, sem="relaxed")
+                        tl.store(sums + 2 * RP + r, tl.load(sums + 2 * RP + r, mask=rmask, other=0.0) + bsum,
+                                 mask=rmask)
         # SnapKV: pooling is linear, so the pooled row mean is the pooled unpooled mean
         if HALF > 0:
             snap = _div_const(tl.sum(unp[:, None] * band, 0), KPOOL)
@@ -421,9 +430,23 @@ def _window_pass2(
 
     if SINGLE_RB:
         if EXACT:
-            tl.atomic_add(sums + r, m_acc, mask=rmask, sem="relaxed")
-            tl.atomic_add(sums + RP + r, s_acc, mask=rmask, sem="relaxed")
-            tl.atomic_add(sums + 2 * RP + r, b_acc, mask=rmask, sem="relaxed")
+            tl.store(sums + r, m_acc, mask=rmask)
+            tl.store(sums + RP + r, s_acc, mask=rmask)
+            tl.store(sums + 2 * RP + r, b_acc, mask=rmask)
+
+
+@triton.jit(do_not_specialize=["num_progs"])
+def _window_sums(PSUMS, SUMS, R, RP, num_progs, BR: tl.constexpr):
+    """Exact row sums: pass 2's per-program partials added in program order (deterministic)."""
+    rb = tl.program_id(0)
+    hg = tl.program_id(1).to(tl.int64)
+    r = rb * BR + tl.arange(0, BR)
+    rmask = r < R
+    for k in range(3):
+        acc = tl.zeros([BR], tl.float32)
+        for pid in range(num_progs):
+            acc += tl.load(PSUMS + ((hg * num_progs + pid) * 3 + k) * RP + r, mask=rmask, other=0.0)
+        tl.store(SUMS + (hg * 3 + k) * RP + r, acc, mask=rmask)
 
 
 @triton.jit(do_not_specialize=["P"])
@@ -566,10 +589,13 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     tiles_per_prog = triton.cdiv(n_tiles, min(progs, n_tiles))
     nprog = triton.cdiv(n_tiles, tiles_per_prog)
 
-    # one workspace: pass-1 partials | row stats | exact sums | dmax | snap | unp | packed max | bias
-    sizes = [pairs * nsplit * 5 * rp, pairs * 4 * rp, pairs * 3 * rp, pairs * p, pairs * p, pairs * p, pairs * p, lyr]
+    # one workspace: pass-1 partials | row stats | exact sums | their per-program partials | dmax |
+    # snap | unp | packed max | bias
+    psize = pairs * nprog * 3 * rp if exact else 0
+    sizes = [pairs * nsplit * 5 * rp, pairs * 4 * rp, pairs * 3 * rp, psize, pairs * p, pairs * p, pairs * p,
+             pairs * p, lyr]
     ws = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
-    part, rowstats, sums, dmax, snap, unp, packed, bias = ws.split(sizes)
+    part, rowstats, sums, psums, dmax, snap, unp, packed, bias = ws.split(sizes)
     packed = packed.view(torch.int32)
     kptrs = pointer_table([c.data_ptr() for c in key_caches], dev)
     aligned = aligned16(key_caches)
@@ -583,16 +609,17 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         DOT_PREC=dot_prec, INTERP=interp, num_warps=cfg["p1_warps"] if br >= 128 else 4, num_stages=cfg["p1_stages"],
     )
     # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range)
-    _window_combine[(nrb, pairs)](part, rowstats, sums, rows, rp, nsplit, BR=br, BS=max(2, 2048 // br),
-                                  EXACT=exact, num_warps=4)
+    _window_combine[(nrb, pairs)](part, rowstats, rows, rp, nsplit, BR=br, BS=max(2, 2048 // br), num_warps=4)
     _window_pass2[(nprog, pairs)](
-        q, kptrs, block_table, rowstats, dmax, snap, unp, sums, packed,
+        q, kptrs, block_table, rowstats, dmax, snap, unp, psums, packed,
         q.stride(0), q.stride(1), q.stride(2), *kstrides, block_size, hkv,
-        p, w, g, rows, rp, d, nrb, tiles_per_prog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
+        p, w, g, rows, rp, d, nrb, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
         HALF=half, KPOOL=pool_kernel, BR=br, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, SINGLE_RB=nrb == 1,
         RBITS=rbits, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp,
         num_warps=cfg["p2_warps"], num_stages=cfg["p2_stages"],
     )
+    if exact:
+        _window_sums[(nrb, pairs)](psums, sums, rows, rp, nprog, BR=br, num_warps=4)
     if exact and not fix_window_bias:  # exact sum of the rounded probabilities, as the reference
         bias_src, bias_stride, bias_off = sums, 3 * rp, 2 * rp
     else:

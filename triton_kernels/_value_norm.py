@@ -18,7 +18,7 @@ CONFIG = {"bt": 128, "bt_small": 64, "bo": 128, "warps": 8, "stages": 3}
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
-@triton.jit(do_not_specialize=["N"])  # one compile for every prompt length
+@triton.jit(do_not_specialize=["N", "block_size"])  # one compile for every prompt length (dense: one block of N)
 def _value_norm_kernel(
     VPTRS, BT, WPTRS, OUT,
     svb, svt, svh, svd, block_size, HKV, N, G, DOUT, HEAD_D, swo, swi,

@@ -156,3 +156,22 @@ def test_paged_selection_keeps_the_policy_tokens(kdev, method, impl):
     assert torch.equal(got.cpu(), ref.cpu())
     full = select_keep_paged(cfg, req, n, impl=impl)  # nothing to evict: everything, in order
     assert torch.equal(full.cpu(), torch.arange(n).expand(layers, hkv, n))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hq,hkv,d", [(14, 2, 64), (32, 8, 128)])  # several row blocks / one
+def test_scores_are_the_same_on_every_run(hq, hkv, d):
+    """No atomics in the exact sums: the same request gives the same bits, hence the same keep
+    set and the same generated text, on every run (a served determinism test caught the
+    atomics' ulp-level jitter flipping near-ties)."""
+    dev, layers, n = torch.device("cuda"), 4, 5000
+    gen = torch.Generator().manual_seed(0)
+    caches = [torch.randn(n // 16 + 8, 2, 16, hkv, d, generator=gen).to(dev, BF16) for _ in range(layers)]
+    table = torch.randperm(n // 16 + 8, generator=gen)[: -(-n // 16)].to(dev, torch.int32)
+    q = torch.randn(layers, hq, 32, d, generator=gen).to(dev, BF16)
+    runs = [tk.paged_window_stats_layers(q, [c[:, 0] for c in caches], table, n, probs_dtype=BF16)
+            for _ in range(6)]
+    for r in runs[1:]:
+        for name in ("defensive_max", "snapkv", "unpooled_mean", "window_bias"):
+            assert torch.equal(getattr(r, name), getattr(runs[0], name)), name

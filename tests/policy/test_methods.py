@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from vllm_defensive.policy import METHOD_NAMES, EvictionConfig, LayerInputs, get_method, mask_to_indices
 from vllm_defensive.policy.selection import adakv_counts, global_layer_totals, pyramid_budgets
+from vllm_defensive.policy.aggregation import prior_risk_floor
 
 EVICTING = [m for m in METHOD_NAMES if m != "none"]
 
@@ -167,7 +168,8 @@ def test_uniform_defensive_ranks_below_the_floor_by_raw_risk(seed):
     (layer,) = make_layers(1, 4, 2, 300, 8, seed=seed)
     k = 60
     for floor in (False, True):
-        m = get_method(EvictionConfig(method="defensivekv", budget_tokens=k, window=8, uniform_floor=floor))
+        m = get_method(EvictionConfig(method="defensivekv", budget_tokens=k, window=8, uniform_floor=floor,
+                                      uniform_norm="share"))
         scored = m.score_layer(layer, k)
         kept = m.compress_uniform(layer, k)
         unfloored = scored.extra["stats"].defensive_max * scored.extra["share"]
@@ -238,15 +240,20 @@ def test_layers_of_different_lengths_are_refused():
         get_method(EvictionConfig(method="snapkv", budget=0.3, window=4)).compress_uniform_layers([a, b])
 
 
+@pytest.mark.parametrize("floor", [True, False])
 @pytest.mark.parametrize("seed", range(3))
-def test_uniform_defensive_raw_norm_ranks_by_risk_times_own_value_norm(seed):
-    """`uniform_norm="raw"`: the unforced picks of each head are its top max-risk x ||v W_o||."""
+def test_uniform_defensive_raw_norm_ranks_by_risk_times_own_value_norm(seed, floor):
+    """`uniform_norm="raw"` (the default, with the floor): the unforced picks of each head are its
+    top (floored) max-risk x ||v W_o||."""
     (layer,) = make_layers(1, 4, 2, 300, 8, seed=seed)
     k = 60
-    m = get_method(EvictionConfig(method="defensivekv", budget_tokens=k, window=8, uniform_norm="raw"))
+    cfg = EvictionConfig(method="defensivekv", budget_tokens=k, window=8, uniform_floor=floor)
+    assert cfg.uniform_norm == "raw" and EvictionConfig().uniform_floor
+    m = get_method(cfg)
     scored = m.score_layer(layer, k)
     kept = m.compress_uniform(layer, k)
-    ranking = scored.extra["stats"].defensive_max * scored.extra["norms"]
+    risk = scored.extra["stats"].defensive_max
+    ranking = (prior_risk_floor(risk) if floor else risk) * scored.extra["norms"]
     p = ranking.shape[1]
     for h in range(2):
         forced = scored.forced[h, :p]

@@ -73,6 +73,16 @@ def _check_cache(cache: torch.Tensor, block_table: torch.Tensor, n: int, what: s
         raise ValueError(f"block_table has {block_table.numel()} blocks; {n} tokens need {need}")
 
 
+def _scoring_kernel_runs(hq: int, hkv: int, w: int, seq_len: int, impl: str | None, device) -> bool:
+    """The fused scoring kernels take this call: Triton chosen, a prefix to score, and at most
+    MAX_ROWS window rows per KV head (group x window: the kernels pack the row index in 9 bits)."""
+    if resolve(impl, device) != "triton" or seq_len == w:
+        return False
+    from . import _scoring
+
+    return (hq // hkv) * w <= _scoring.MAX_ROWS
+
+
 def paged_window_stats(
     queries: torch.Tensor,
     key_cache: torch.Tensor,
@@ -96,15 +106,10 @@ def paged_window_stats(
     w = queries.shape[1]
     if w > seq_len:
         raise ValueError(f"window ({w}) is longer than the context ({seq_len})")
-    use_torch = resolve(impl, queries.device) == "torch" or seq_len == w
-    if not use_torch:
-        from . import _scoring
-
-        # more than MAX_ROWS window rows per KV head (group x window) exceed the kernel's row packing
-        use_torch = (queries.shape[0] // key_cache.shape[2]) * w > _scoring.MAX_ROWS
-    if use_torch:
+    if not _scoring_kernel_runs(queries.shape[0], key_cache.shape[2], w, seq_len, impl, queries.device):
         return torch_impl.window_stats(queries, key_cache, block_table, seq_len, pool_kernel, scale, probs_dtype,
                                        fix_window_bias, window_bias_as_tensor)
+    from . import _scoring
 
     return _scoring.window_stats(queries, key_cache, block_table, seq_len, pool_kernel, scale, probs_dtype,
                                  fix_window_bias, window_bias_as_tensor)
@@ -139,16 +144,14 @@ def paged_window_stats_layers(
     w = queries.shape[2]
     if w > seq_len:
         raise ValueError(f"window ({w}) is longer than the context ({seq_len})")
-    fused = resolve(impl, queries.device) == "triton" and seq_len > w and same_layout(key_caches)
-    if fused:
-        from . import _scoring
-
-        fused = (queries.shape[1] // key_caches[0].shape[2]) * w <= _scoring.MAX_ROWS
-    if not fused:
+    if not (same_layout(key_caches)
+            and _scoring_kernel_runs(queries.shape[1], key_caches[0].shape[2], w, seq_len, impl, queries.device)):
         return WindowStats.stack([
             paged_window_stats(queries[i], cache, block_table, seq_len, pool_kernel, scale, probs_dtype,
                                fix_window_bias, window_bias_as_tensor=True, impl=impl)
             for i, cache in enumerate(key_caches)])
+    from . import _scoring
+
     return _scoring.window_stats_layers(queries, list(key_caches), block_table, seq_len, pool_kernel, scale,
                                         probs_dtype, fix_window_bias)
 

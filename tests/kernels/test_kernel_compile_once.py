@@ -28,6 +28,15 @@ def _compiled_variants() -> int:
 LENGTHS = (193, 1000, 3000, 8191, 8192, 20001, 32768)
 
 
+def assert_no_compiles_after_warm_up(run, hkv: int) -> None:
+    for n in tk.warmup_lengths(hkv, 32, torch.device("cuda")):
+        run(n)
+    before = _compiled_variants()
+    for n in LENGTHS:
+        run(n)
+    assert _compiled_variants() == before
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("hq,hkv,d", [(14, 2, 64), (32, 8, 128)])
@@ -52,12 +61,7 @@ def test_worker_path_compiles_nothing_after_warm_up(hq, hkv, d):
         tk.compact_kv(keys, values, kept.long(), table, table)  # onto the same pages: a no-op copy
         torch.cuda.synchronize()
 
-    for n in tk.warmup_lengths(hkv, 32, dev):
-        serve(n)
-    before = _compiled_variants()
-    for n in LENGTHS:
-        serve(n)
-    assert _compiled_variants() == before
+    assert_no_compiles_after_warm_up(serve, hkv)
 
 
 @pytest.mark.gpu
@@ -77,9 +81,4 @@ def test_dense_path_compiles_nothing_after_warm_up(hq, hkv, d):
                 LayerInputs(q, k, k.clone(), wo), n // 5)
         torch.cuda.synchronize()
 
-    for n in tk.warmup_lengths(hkv, 32, dev):
-        score(n)
-    before = _compiled_variants()
-    for n in LENGTHS:
-        score(n)
-    assert _compiled_variants() == before
+    assert_no_compiles_after_warm_up(score, hkv)

@@ -260,9 +260,9 @@ class WorkerEviction:
         cfg = EvictionConfig(**cp.config)
         ctx, keep, tail, heads = cp.context_len, cp.keep, cp.tail, self.num_kv_heads
         src_blocks = list(state.block_ids[0])
-        ctx_slots = self._slots(src_blocks, 0, ctx)
-        tail_slots = self._slots(src_blocks, ctx, ctx + tail)
-        dst_slots = self._slots(cp.dst_block_ids, 0, keep + tail).expand(heads, -1)
+        # GPU pages: one device block table serves scoring and the copy; elsewhere, slot lists
+        src_table = self._block_table(src_blocks) if self.paged else None
+        ctx_slots = None if self.paged else self._slots(src_blocks, 0, ctx)
         stats = WorkerStats()
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
@@ -272,7 +272,7 @@ class WorkerEviction:
             if queries is None or not self.filled[rid].all():
                 raise RuntimeError("observation-window queries were not all captured")
             if self.paged:
-                keep_idx = self._score_paged(cfg, queries, src_blocks, ctx, keep)
+                keep_idx = self._score_paged(cfg, queries, src_table, ctx, keep)
             else:
                 keep_idx = self._score(cfg, queries, ctx_slots, keep)
         except Exception as e:  # blocks are already committed: fall back, never corrupt
@@ -282,9 +282,10 @@ class WorkerEviction:
         sync()
         t1 = time.perf_counter()
         if self.paged:
-            self._copy_paged(keep_idx, src_blocks, cp.dst_block_ids, ctx, tail)
+            self._copy_paged(keep_idx, src_table, cp.dst_block_ids, ctx, tail)
         else:
-            tail_rows = tail_slots.expand(heads, -1)
+            tail_rows = self._slots(src_blocks, ctx, ctx + tail).expand(heads, -1)
+            dst_slots = self._slots(cp.dst_block_ids, 0, keep + tail).expand(heads, -1)
             for layer, idx in zip(self.layers, keep_idx):
                 src = torch.cat([ctx_slots[idx], tail_rows], dim=1)
                 k, v = self.layout.gather(layer.kv_cache, src)
@@ -335,18 +336,16 @@ class WorkerEviction:
     def _block_table(self, block_ids: list[int]) -> torch.Tensor:
         return torch.tensor(block_ids, dtype=torch.int32).to(self.device, non_blocking=True)
 
-    def _score_paged(self, cfg: EvictionConfig, queries: torch.Tensor, src_blocks: list[int], ctx: int,
+    def _score_paged(self, cfg: EvictionConfig, queries: torch.Tensor, src_table: torch.Tensor, ctx: int,
                      keep: int) -> torch.Tensor:
         """[layers, Hkv, keep] kept context indices, every layer measured from its pages at once."""
         keys, values = self._kv_views()
-        needs_values = METHODS[cfg.method].uses_values
-        req = PagedRequest(queries=queries, key_caches=keys, value_caches=values,
-                           block_table=self._block_table(src_blocks), context_len=ctx,
-                           o_proj_weights=self.o_proj_weights() if needs_values else [None] * len(self.layers),
-                           scale=self.layers[0].impl.scale)
+        weights = self.o_proj_weights() if METHODS[cfg.method].uses_values else [None] * len(self.layers)
+        req = PagedRequest(queries=queries, key_caches=keys, value_caches=values, block_table=src_table,
+                           context_len=ctx, o_proj_weights=weights, scale=self.layers[0].impl.scale)
         return select_keep_paged(cfg, req, keep).to(torch.long)
 
-    def _copy_paged(self, keep_idx: torch.Tensor, src_blocks: list[int], dst_blocks: list[int], ctx: int,
+    def _copy_paged(self, keep_idx: torch.Tensor, src_table: torch.Tensor, dst_blocks: list[int], ctx: int,
                     tail: int) -> None:
         """One launch: every layer's kept context tokens, then the tail, into the fresh blocks."""
         from .. import triton_kernels
@@ -355,7 +354,7 @@ class WorkerEviction:
         tail_idx = torch.arange(ctx, ctx + tail, device=self.device).expand(layers, heads, tail)
         kept = torch.cat([keep_idx.to(torch.long), tail_idx], dim=2)
         keys, values = self._kv_views()
-        triton_kernels.compact_kv(keys, values, kept, self._block_table(src_blocks), self._block_table(dst_blocks))
+        triton_kernels.compact_kv(keys, values, kept, src_table, self._block_table(dst_blocks))
 
     def take_stats(self) -> dict[str, WorkerStats] | None:
         stats, self.pending_stats = self.pending_stats, {}

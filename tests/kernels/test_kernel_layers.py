@@ -175,3 +175,21 @@ def test_scores_are_the_same_on_every_run(hq, hkv, d):
     for r in runs[1:]:
         for name in ("defensive_max", "snapkv", "unpooled_mean", "window_bias"):
             assert torch.equal(getattr(r, name), getattr(runs[0], name)), name
+
+
+def test_paged_selection_without_o_proj_weights_uses_unit_norms():
+    """A model whose o_proj the worker cannot find scores with value norms of 1, as the policy
+    library does for LayerInputs without weights."""
+    from vllm_defensive.integration.scoring import PagedRequest, select_keep_paged
+    from vllm_defensive.policy import EvictionConfig, LayerInputs, get_method
+
+    layers, hq, hkv, d, n, w, keep = 2, 4, 2, 64, 120, 8, 30
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(layers, hq, w, d, generator=gen)
+    ks = [torch.randn(hkv, n, d, generator=gen) for _ in range(layers)]
+    kc, table = layered_paged(ks, 16, "NHD", torch.Generator().manual_seed(4))
+    for method in ("criticalkv", "defensivekv"):
+        cfg = EvictionConfig(method=method, window=w, probs_fp32=True)
+        ref = get_method(cfg).compress_uniform_layers([LayerInputs(q[i], ks[i]) for i in range(layers)], keep)
+        got = select_keep_paged(cfg, PagedRequest(q, kc, kc, table, n, [None] * layers, None), keep, impl="torch")
+        assert torch.equal(got, ref), method

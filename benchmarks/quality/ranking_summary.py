@@ -45,7 +45,8 @@ def main(folder: str, n_boot: int = 2000) -> None:
         entries.append(("defensivekv", "rawfloor", scores(variant, "defensivekv", 0.2, "query_aware", tokens)))
         f0 = task_average(full, tasks)
         runs.append({"model": "Qwen2.5-Coder-0.5B-Instruct", "tokens": tokens, "protocol": "query_aware", "method": "none",
-                     "budget": 1.0, "score": round(f0, 2), "loss_pct": 0.0, "n_samples": sum(len(full[t]) for t in tasks)})
+                     "budget": 1.0, "score": round(f0, 2), "loss_pct": 0.0, "n_samples": sum(len(full[t]) for t in tasks),
+                     "per_task": {t: round(float(np.mean(list(full[t].values()))), 1) for t in tasks}})
         for method, run, s in entries:
             rng = np.random.default_rng(0)
             sc, loss = [], []
@@ -62,6 +63,7 @@ def main(folder: str, n_boot: int = 2000) -> None:
                          "loss_pct": round(100 * (f0 - v) / f0, 2),
                          "loss_ci95": [round(x, 2) for x in np.percentile(loss, [2.5, 97.5])],
                          "n_samples": sum(len(s[t]) for t in tasks),
+                         "per_task": {t: round(float(np.mean(list(s[t].values()))), 1) for t in tasks},
                          **({"defensivekv_ranking": RANKINGS[run], "run": f"{length}_{run}"} if method == "defensivekv"
                             else {"run": f"{length}_{run}"})})
     doc = {"device": meta["device"], "versions": meta["versions"],

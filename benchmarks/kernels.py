@@ -346,6 +346,52 @@ def bench_scoring(name, shp, n, ceil, probs_dtype=torch.bfloat16):
     }
 
 
+def bench_scoring_layers(name, shp, n, ceil, probs_dtype=torch.bfloat16):
+    """What the plugin runs per request: every layer's window statistics in one set of launches
+    (`paged_window_stats_layers`, one cache tensor per layer, one block table), against the same
+    kernels called layer by layer; the roofline is the one-layer roofline times the layers."""
+    import vllm_defensive.triton_kernels as tk
+
+    hq, hkv, d, layers = shp["hq"], shp["hkv"], shp["d"], shp["layers"]
+    nblk = -(-n // BLOCK)
+    g = torch.Generator(device=DEV).manual_seed(n + 7)
+    caches = [torch.randn(nblk + 8, 2, BLOCK, hkv, d, device=DEV, dtype=torch.bfloat16, generator=g)
+              for _ in range(layers)]
+    keys = [c[:, 0] for c in caches]
+    table = torch.randperm(nblk + 8, device=DEV, generator=g)[:nblk].to(torch.int32)
+    q = torch.randn(layers, hq, WINDOW, d, device=DEV, dtype=torch.bfloat16, generator=g)
+
+    def layered(i=0):
+        return tk.paged_window_stats_layers(q, keys, table, n, probs_dtype=probs_dtype)
+
+    def per_layer(i=0):
+        return [tk.paged_window_stats(q[j], keys[j], table, n, probs_dtype=probs_dtype, window_bias_as_tensor=True)
+                for j in range(layers)]
+
+    a, b = layered(), per_layer()
+    same = all(torch.allclose(a.defensive_max[j], b[j].defensive_max, rtol=1e-2, atol=1e-9) for j in range(layers))
+    del a, b
+    t_k, reps_k, t_ki = bench(layered, budget_s=0.6)
+    t_g = graph_ms(layered)
+    t_l, reps_l, t_li = bench(per_layer, min_reps=3, budget_s=0.6)
+    mem_k = peak_extra_mb(layered)
+    kbytes = n * hkv * d * 2
+    p = n - WINDOW
+    rows = hq * WINDOW
+    t_mem = (2 * kbytes + hkv * p * 4 * 5 + 2 * rows * d * 2) / ceil["copy_bw_Bps"]
+    t_tc = 2 * (2 * rows * n * d) / ceil["bf16_mm_flops"]
+    t_sfu = (rows * n + rows * p) / ceil["sfu_exp_per_s"]
+    roof = max(t_mem, t_tc, t_sfu) * 1e3 * layers
+    del caches, keys, q
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return {"shape": name, "tokens": n, "layers": layers, "kernel_ms": t_k, "kernel_ms_per_layer": t_k / layers,
+            "layer_by_layer_ms": t_l, "speedup_vs_layer_by_layer": t_l / t_k, "roofline_ms": roof,
+            "of_roofline": t_k / roof, "kernel_graph_ms": t_g, "graph_of_roofline": (t_g / roof) if t_g else None,
+            "kernel_isolated_ms": t_ki, "layer_by_layer_isolated_ms": t_li, "extra_memory_mb": mem_k,
+            "matches_layer_by_layer": same, "reps": [reps_k, reps_l]}
+
+
 def bench_value_norm(name, shp, n, ceil):
     import vllm_defensive.triton_kernels as tk
     from vllm_defensive.triton_kernels import torch_impl
@@ -673,7 +719,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "kernels"))
     ap.add_argument("--tokens", default="4096,16384,32768,131072")
     ap.add_argument("--shapes", default="llama8b,qwen05b")
-    ap.add_argument("--only", default="scoring,value_norm,compaction")
+    ap.add_argument("--only", default="scoring,scoring_layers,value_norm,compaction")
     ap.add_argument("--sweep", action="store_true", help="also time scoring configurations at 32K")
     ap.add_argument("--sweep-compaction", action="store_true", help="and compaction tile sizes")
     ap.add_argument("--config", default="", help="JSON overrides of _scoring.CONFIG")
@@ -732,7 +778,8 @@ def main():
     results["configs_used"] = {"scoring": dict(_scoring.CONFIG), "scoring_by_head_dim": {
         str(k): v for k, v in _scoring.CONFIG_BY_HEAD_DIM.items()}, "compaction": dict(_compact.CONFIG),
         "value_norm": dict(_value_norm.CONFIG)}
-    for key, fn in (("scoring", bench_scoring), ("value_norm", bench_value_norm), ("compaction", bench_compaction)):
+    for key, fn in (("scoring", bench_scoring), ("scoring_layers", bench_scoring_layers), ("value_norm", bench_value_norm),
+                    ("compaction", bench_compaction)):
         if key not in only:
             continue
         results[key] = []
@@ -766,11 +813,11 @@ def main():
     keep = ("shape", "tokens", "kernel_ms", "reference_ms", "speedup", "roofline_ms", "extra_memory_mb",
             "bw_frac_measured", "bw_frac_spec", "of_roofline", "mode", "kernel_ms_per_layer", "reference_ms_per_layer",
             "kernel_graph_ms", "graph_of_roofline", "kernel_isolated_ms", "reference_isolated_ms", "speedup_isolated",
-            "cuda_cpp_ms", "cuda_cpp_graph_ms")
+            "cuda_cpp_ms", "cuda_cpp_graph_ms", "layers", "layer_by_layer_ms", "speedup_vs_layer_by_layer")
     summary = {"device": dev, "versions": results["versions"], "roofline": results["roofline"],
                "timing": results["timing"],
                "ceilings": {"copy_TBps": ceil["copy_bw_Bps"] / 1e12, "bf16_mm_TFLOPs": ceil["bf16_mm_flops"] / 1e12}}
-    for key in ("scoring", "value_norm", "compaction"):
+    for key in ("scoring", "scoring_layers", "value_norm", "compaction"):
         summary[key] = [{k: v for k, v in r.items() if k in keep} for r in results.get(key, []) if "error" not in r]
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

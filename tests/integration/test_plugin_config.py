@@ -77,6 +77,21 @@ def test_bad_additional_config_names_the_field(plugin):
         EngineArgs(model=model_path(), additional_config={"kv_eviction": {"wndow": 3}}).create_engine_config()
 
 
+def test_policy_fields_go_next_to_the_server_fields():
+    """Any EvictionConfig field may sit in additional_config["kv_eviction"] itself (the README's
+    `--additional-config '{"kv_eviction": {"uniform_norm": "share"}}'`), or under "policy"."""
+    from vllm_defensive.integration.config import server_config
+
+    top = server_config({"kv_eviction": {"budget": 0.3, "uniform_norm": "share", "uniform_floor": False}})
+    nested = server_config({"kv_eviction": {"budget": 0.3, "policy": {"uniform_norm": "share", "uniform_floor": False}}})
+    assert top.defaults() == nested.defaults()
+    assert top.defaults().uniform_norm == "share" and not top.defaults().uniform_floor
+    for bad, field in (({"uniform_norm": "x"}, "uniform_norm"), ({"bogus": 1}, "bogus"),
+                       ({"uniform_norm": "raw", "policy": {"uniform_norm": "share"}}, "given twice")):
+        with pytest.raises(ValueError, match=field):
+            server_config({"kv_eviction": bad})
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}},
      "speculative decoding"),

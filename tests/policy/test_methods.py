@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_defensive.policy import METHOD_NAMES, EvictionConfig, LayerInputs, get_method, mask_to_indices
-from vllm_defensive.policy.selection import adakv_counts, global_layer_totals, pyramid_budgets
+from vllm_defensive.policy.selection import adakv_counts, global_layer_totals, pyramid_budgets, ranking_key
 from vllm_defensive.policy.aggregation import prior_risk_floor
 
 EVICTING = [m for m in METHOD_NAMES if m != "none"]
@@ -270,3 +270,23 @@ def test_uniform_defensive_share_and_raw_norm_rank_differently():
                 .compress_uniform(layer, 60) for n in ("share", "raw"))
         differs.append(not torch.equal(a, b))
     assert any(differs)
+
+
+def test_uniform_risk_first_fills_part_of_each_head_by_the_unfloored_risk():
+    """`uniform_risk_first=f`: f x the count per head goes first to the top unfloored worst-case
+    risks (window and sinks included), the rest to the uniform ranking; 0 changes nothing."""
+    (layer,) = make_layers(1, 4, 2, 300, 8, seed=5)
+    k = 60
+    base = EvictionConfig(method="defensivekv", budget_tokens=k, window=8)
+    plain = get_method(base).compress_uniform(layer, k)
+    assert torch.equal(get_method(base.model_copy(update={"uniform_risk_first": 0.0})).compress_uniform(layer, k), plain)
+    for frac in (0.5, 1.0):
+        m = get_method(base.model_copy(update={"uniform_risk_first": frac}))
+        kept = m.compress_uniform(layer, k)
+        scored = m.score_layer(layer, k)
+        risk = m._pad_window(scored.extra["stats"].defensive_max, 300)
+        first = int(frac * k)
+        for h in range(2):
+            top = ranking_key(risk, scored.forced)[h].topk(first).indices.tolist()
+            assert set(top) <= set(kept[h].tolist()), (frac, h)
+    assert not torch.equal(get_method(base.model_copy(update={"uniform_risk_first": 1.0})).compress_uniform(layer, k), plain)

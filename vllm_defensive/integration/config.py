@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..policy import EvictionConfig
 
@@ -61,8 +61,26 @@ class ServerConfig(BaseModel):
     # keep the selected indices in-process (integration.debug) for comparison with references.
     force_compaction: bool = False
     record_keep_sets: bool = False
-    # Extra EvictionConfig fields passed through unchanged (mass_threshold, probs_fp32, ...).
+    # Extra EvictionConfig fields passed through unchanged (mass_threshold, probs_fp32, ...); they
+    # may also be given next to the fields above ({"uniform_norm": "share"}), which moves them here.
     policy: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _policy_fields_at_top_level(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        extra = {k: v for k, v in data.items() if k not in cls.model_fields and k in EvictionConfig.model_fields}
+        if not extra:
+            return data
+        rest = {k: v for k, v in data.items() if k not in extra}
+        policy = rest.get("policy") or {}
+        if not isinstance(policy, dict):
+            return data  # let the field's own validation report it
+        clash = sorted(set(extra) & set(policy))
+        if clash:
+            raise ValueError(f"{clash[0]} given twice (top level and policy)")
+        return {**rest, "policy": {**policy, **extra}}
 
     def defaults(self) -> EvictionConfig:
         fields = dict(method=self.method, budget=self.budget, budget_tokens=self.budget_tokens,

@@ -47,6 +47,12 @@ class EvictionConfig(BaseModel):
         "token's own value norm (raw, CriticalKV's weighting) or by its value-norm share across KV "
         "heads (share, the published score: its per-token divisor only matters when heads compete)")
 
+    uniform_risk_first: float = Field(
+        0.0, ge=0, le=1, description="DefensiveKV with the same count on every head: this fraction of "
+        "each head's count is first filled by the unfloored worst-case risk alone (the window and "
+        "sinks count toward it), the rest by the uniform ranking above; CriticalKV's two-stage "
+        "shape, so a needle the floor ties with the haystack can still win a place (0: off)")
+
     @field_validator("method", mode="before")
     @classmethod
     def _alias(cls, v):

@@ -330,7 +330,7 @@ class DefensiveKV(EvictionMethod):
         protected = self.protected(hkv, n, m.device)
         forced = protected.expand(*score.shape[:-1], n).clone()
         forced[..., :p] |= stage1
-        extra = {"stats": stats, "stage1": counts, "share": share, "norms": norms}
+        extra = {"stats": stats, "stage1": counts, "share": share, "norms": norms, "per_head": per_head}
         return LayerScores(self._pad_window(score, n), forced, extra, protected)
 
     def uniform_scores(self, scored):
@@ -351,13 +351,18 @@ class DefensiveKV(EvictionMethod):
         ranking was 7.8 points below in turn. Either field can be set per request.
         Stage-1, window and sink tokens stay forced whatever the ranking."""
         c, ex = self.config, scored.extra
-        risk = ex["stats"].defensive_max
-        if c.uniform_floor:
-            risk = prior_risk_floor(risk)
+        raw_risk = ex["stats"].defensive_max
+        risk = prior_risk_floor(raw_risk) if c.uniform_floor else raw_risk
         prefix = risk * (ex["share"] if c.uniform_norm == "share" else ex["norms"])
         # forced tokens (stage 1, window, sinks) need no score: ranking_key puts them first
         scores = torch.cat([prefix, scored.scores[..., prefix.shape[-1]:]], dim=-1)
-        return LayerScores(scores, scored.forced, ex, scored.protected)
+        forced = scored.forced
+        first = int(c.uniform_risk_first * ex["per_head"])
+        if first > 0:  # CriticalKV's two-stage shape: part of the count by the unfloored risk alone
+            n, hkv = scores.shape[-1], scores.shape[-2]
+            key = ranking_key(self._pad_window(raw_risk, n), forced)
+            forced = forced | select_by_counts(key, uniform_counts(hkv, first, scores.device))
+        return LayerScores(scores, forced, ex, scored.protected)
 
     def head_counts(self, scored, per_head):
         if self.config.alpha > 0:

@@ -189,6 +189,7 @@ def test_request_values_are_validated_naming_the_field():
         ({"kv_budgt": 0.2}, "kv_budgt"), ({"kv_budget": 0.2, "kv_budget_tokens": 5}, "kv_budget"),
         ({"kv_uniform_norm": "rw"}, "kv_uniform_norm"), ({"kv_uniform_norm": 1}, "kv_uniform_norm"),
         ({"kv_uniform_floor": 2}, "kv_uniform_floor"), ({"kv_uniform_floor": "yes"}, "kv_uniform_floor"),
+        ({"kv_uniform_risk_first": 1.5}, "kv_uniform_risk_first"), ({"kv_uniform_risk_first": "0.5"}, "kv_uniform_risk_first"),
     ]
     # DefensiveKV's within-head ranking is a request field too; the OpenAI schema of vllm_xargs
     # turns JSON true into 1, so 1 / 0 mean true / false
@@ -198,6 +199,7 @@ def test_request_values_are_validated_naming_the_field():
         cfg = resolve(server, {"kv_uniform_floor": flag, "kv_uniform_norm": "raw"})
         assert cfg.uniform_floor is True and cfg.uniform_norm == "raw"
     assert resolve(server, {"kv_uniform_floor": 0}).uniform_floor is False
+    assert resolve(server, {"kv_uniform_risk_first": 0.5}).uniform_risk_first == 0.5
     for extra, field in cases:
         with pytest.raises(VLLMValidationError) as e:
             validate(server, extra)

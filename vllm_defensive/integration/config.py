@@ -27,6 +27,7 @@ REQUEST_KEYS = {
     "kv_protect_suffix": "protect_suffix",
     "kv_uniform_floor": "uniform_floor",
     "kv_uniform_norm": "uniform_norm",
+    "kv_uniform_risk_first": "uniform_risk_first",
 }
 # The JSON type each request field must have (numbers otherwise): "0.2" or true would be coerced.
 REQUEST_TYPES = {"method": (str, "a method name"), "uniform_floor": (bool, "true or false"),

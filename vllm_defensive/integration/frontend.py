@@ -2,7 +2,7 @@
 engine core's EvictionRecords and show them to users.
 
 * Per-request values (`vllm_xargs`: kv_eviction, kv_budget, kv_budget_tokens, kv_protect_suffix,
-  kv_uniform_floor, kv_uniform_norm)
+  kv_uniform_floor, kv_uniform_norm, kv_uniform_risk_first)
   are checked while the request's SamplingParams are built and again in
   `InputProcessor.process_inputs` (which knows the prompt length). Errors are
   `VLLMValidationError`s naming the field: an HTTP 400, the server keeps serving.

@@ -1,10 +1,11 @@
 """Fused window scoring over paged keys (Triton), matching `policy.scoring.window_stats`.
 
 Never materialises the [Hq, W, L] probability matrix. Four launches (five with rounded
-probabilities, the default) cover every layer of a request (`window_stats_layers`; `window_stats` is the one-layer case), one workspace. The kernels'
-head axis runs over (layer, KV head) pairs: queries, row statistics and outputs are laid out by
-pair, and each program loads its layer's key-cache base from a table of addresses (vLLM keeps one
-cache tensor per layer; the layers share the request's block table and one layout).
+probabilities, the default) cover every layer of a request (`window_stats_layers`;
+`window_stats` is the one-layer case), one workspace. The kernels' head axis runs over (layer,
+KV head) pairs: queries, row statistics and outputs are laid out by pair, and each program loads
+its layer's key-cache base from a table of addresses (vLLM keeps one cache tensor per layer; the
+layers share the request's block table and one layout).
 
 pass 1   grid (row blocks, key splits, Hkv). Each program streams its split of the keys once and
          keeps, per window row (one row = one (query head, window position) of the KV head's

@@ -69,16 +69,21 @@ def set_selector(fn: Selector | None) -> None:
     _selector = fn or policy_selector
 
 
-def select_keep(config: EvictionConfig, layers: Iterable[LayerInputs], keep: int,
-                shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-    """[layers, Hkv, keep] kept context indices; `shape` = (layers, Hkv, context length)."""
+def _keep_indices(shape: tuple[int, int, int], keep: int, device, select: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Everything when `keep` covers the context, else `select()`'s indices, checked for shape."""
     num_layers, heads, context_len = shape
     if keep >= context_len:
         return torch.arange(context_len, device=device).expand(num_layers, heads, context_len)
-    idx = _selector(config, layers, keep)
+    idx = select()
     if idx.shape != (num_layers, heads, keep):
         raise ValueError(f"selector returned {tuple(idx.shape)}, want {(num_layers, heads, keep)}")
     return idx
+
+
+def select_keep(config: EvictionConfig, layers: Iterable[LayerInputs], keep: int,
+                shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """[layers, Hkv, keep] kept context indices; `shape` = (layers, Hkv, context length)."""
+    return _keep_indices(shape, keep, device, lambda: _selector(config, layers, keep))
 
 
 def fallback_keep(config: EvictionConfig, context_len: int, num_kv_heads: int, keep: int, device) -> torch.Tensor:
@@ -113,7 +118,7 @@ def measure_paged(config: EvictionConfig, req: PagedRequest, impl: str | None = 
     hkv, n = req.key_caches[0].shape[2], req.context_len
     stats = norms = None
     if method.uses_window:
-        probs_dtype = None if config.probs_fp32 else req.key_caches[0].dtype
+        probs_dtype = config.window_probs_dtype(req.key_caches[0].dtype)
         stats = triton_kernels.paged_window_stats_layers(
             req.queries, req.key_caches, req.block_table, n, config.pool_kernel, req.scale, probs_dtype,
             config.fix_window_bias, impl=impl)
@@ -129,12 +134,11 @@ def measure_paged(config: EvictionConfig, req: PagedRequest, impl: str | None = 
 def select_keep_paged(config: EvictionConfig, req: PagedRequest, keep: int, impl: str | None = None) -> torch.Tensor:
     """[layers, Hkv, keep] kept context indices, measured straight from the pages (the kernels on
     CUDA); the same keep sets as `select_keep` on the gathered layers."""
-    layers, hkv, n = req.num_layers, req.key_caches[0].shape[2], req.context_len
-    if keep >= n:
-        return torch.arange(n, device=req.queries.device).expand(layers, hkv, n)
-    if req.queries.shape[2] != config.window:
-        raise ValueError(f"got {req.queries.shape[2]} window queries, config.window is {config.window}")
-    idx = get_method(config).compress_uniform_measured(measure_paged(config, req, impl), layers, keep)
-    if idx.shape != (layers, hkv, keep):
-        raise ValueError(f"selector returned {tuple(idx.shape)}, want {(layers, hkv, keep)}")
-    return idx
+    shape = (req.num_layers, req.key_caches[0].shape[2], req.context_len)
+
+    def select() -> torch.Tensor:
+        if req.queries.shape[2] != config.window:
+            raise ValueError(f"got {req.queries.shape[2]} window queries, config.window is {config.window}")
+        return get_method(config).compress_uniform_measured(measure_paged(config, req, impl), shape[0], keep)
+
+    return _keep_indices(shape, keep, req.queries.device, select)

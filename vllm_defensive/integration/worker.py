@@ -35,6 +35,8 @@ from .scoring import PagedRequest, choose_selector, fallback_keep, select_keep, 
 
 logger = init_logger(__name__)
 
+KVViews = tuple[list[torch.Tensor], list[torch.Tensor]]  # every layer's K and V page views
+
 
 class WorkerEviction:
     def __init__(self, runner):
@@ -262,6 +264,7 @@ class WorkerEviction:
         src_blocks = list(state.block_ids[0])
         # GPU pages: one device block table serves scoring and the copy; elsewhere, slot lists
         src_table = self._block_table(src_blocks) if self.paged else None
+        kv_views = self._kv_views() if self.paged else None
         ctx_slots = None if self.paged else self._slots(src_blocks, 0, ctx)
         stats = WorkerStats()
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -272,7 +275,7 @@ class WorkerEviction:
             if queries is None or not self.filled[rid].all():
                 raise RuntimeError("observation-window queries were not all captured")
             if self.paged:
-                keep_idx = self._score_paged(cfg, queries, src_table, ctx, keep)
+                keep_idx = self._score_paged(cfg, queries, kv_views, src_table, ctx, keep)
             else:
                 keep_idx = self._score(cfg, queries, ctx_slots, keep)
         except Exception as e:  # blocks are already committed: fall back, never corrupt
@@ -282,7 +285,7 @@ class WorkerEviction:
         sync()
         t1 = time.perf_counter()
         if self.paged:
-            self._copy_paged(keep_idx, src_table, cp.dst_block_ids, ctx, tail)
+            self._copy_paged(keep_idx, kv_views, src_table, cp.dst_block_ids, ctx, tail)
         else:
             tail_rows = self._slots(src_blocks, ctx, ctx + tail).expand(heads, -1)
             dst_slots = self._slots(cp.dst_block_ids, 0, keep + tail).expand(heads, -1)
@@ -329,31 +332,31 @@ class WorkerEviction:
         shape = (len(self.layers), heads, ctx_slots.numel())
         return select_keep(cfg, layer_inputs(), keep, shape, self.device).to(torch.long)
 
-    def _kv_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _kv_views(self) -> KVViews:
         """Every layer's K and V halves, [num_blocks, block_size, Hkv, d] views of its cache."""
         return [layer.kv_cache[:, 0] for layer in self.layers], [layer.kv_cache[:, 1] for layer in self.layers]
 
     def _block_table(self, block_ids: list[int]) -> torch.Tensor:
         return torch.tensor(block_ids, dtype=torch.int32).to(self.device, non_blocking=True)
 
-    def _score_paged(self, cfg: EvictionConfig, queries: torch.Tensor, src_table: torch.Tensor, ctx: int,
-                     keep: int) -> torch.Tensor:
+    def _score_paged(self, cfg: EvictionConfig, queries: torch.Tensor, kv_views: KVViews, src_table: torch.Tensor,
+                     ctx: int, keep: int) -> torch.Tensor:
         """[layers, Hkv, keep] kept context indices, every layer measured from its pages at once."""
-        keys, values = self._kv_views()
+        keys, values = kv_views
         weights = self.o_proj_weights() if METHODS[cfg.method].uses_values else [None] * len(self.layers)
         req = PagedRequest(queries=queries, key_caches=keys, value_caches=values, block_table=src_table,
                            context_len=ctx, o_proj_weights=weights, scale=self.layers[0].impl.scale)
         return select_keep_paged(cfg, req, keep).to(torch.long)
 
-    def _copy_paged(self, keep_idx: torch.Tensor, src_table: torch.Tensor, dst_blocks: list[int], ctx: int,
-                    tail: int) -> None:
+    def _copy_paged(self, keep_idx: torch.Tensor, kv_views: KVViews, src_table: torch.Tensor, dst_blocks: list[int],
+                    ctx: int, tail: int) -> None:
         """One launch: every layer's kept context tokens, then the tail, into the fresh blocks."""
         from .. import triton_kernels
 
         layers, heads, _ = keep_idx.shape
         tail_idx = torch.arange(ctx, ctx + tail, device=self.device).expand(layers, heads, tail)
         kept = torch.cat([keep_idx.to(torch.long), tail_idx], dim=2)
-        keys, values = self._kv_views()
+        keys, values = kv_views
         triton_kernels.compact_kv(keys, values, kept, src_table, self._block_table(dst_blocks))
 
     def take_stats(self) -> dict[str, WorkerStats] | None:

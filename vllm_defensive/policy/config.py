@@ -112,6 +112,11 @@ class EvictionConfig(BaseModel):
             raise ValueError(f"window ({self.window}) must be shorter than the context ({ctx} tokens"
                              f"{' after protect_suffix' if self.protect_suffix else ''})")
 
+    def window_probs_dtype(self, kv_dtype):
+        """The dtype the window probabilities are rounded to: the model's (the official code's),
+        or None (kept in fp32) with `probs_fp32`."""
+        return None if self.probs_fp32 else kv_dtype
+
     def protected_count(self, context_len: int) -> int:
         return min(context_len, self.window + self.sinks)
 

@@ -161,7 +161,7 @@ class EvictionMethod:
         c = self.config
         return self.ops.window_stats(
             inp.queries, inp.keys, c.pool_kernel, inp.scale,
-            None if c.probs_fp32 else inp.keys.dtype, c.fix_window_bias,
+            c.window_probs_dtype(inp.keys.dtype), c.fix_window_bias,
         )
 
     def _pad_window(self, prefix_scores: torch.Tensor, n: int) -> torch.Tensor:

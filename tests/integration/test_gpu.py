@@ -126,6 +126,9 @@ def test_gpu_burst_with_async_scheduling(llm, tok, pool_start):
                for o, sp in zip(outs, sps))
     assert free_blocks(llm) == pool_start
     assert not sched(llm).requests
+    # Timed by CUDA events read after the step's output (the worker never waits for its kernels)
+    timed = [o.kv_eviction for o, sp in zip(outs, sps) if o.kv_eviction["compacted"] and not sp.extra_args]
+    assert timed and all(r["score_ms"] > 0 and r["compact_ms"] > 0 for r in timed), timed
 
 
 def test_gpu_chunked_prefill_keep_sets_match_one_shot(llm, tok):

@@ -50,3 +50,19 @@ class WorkerStats:
     score_ms: float = 0.0
     compact_ms: float = 0.0
     error: str | None = None
+    # On CUDA: timing events (start, scored, copied) recorded on the compute stream. The worker
+    # never waits for its own kernels; the times are read once the step's output is on the host
+    # (the sampled tokens come after the compaction in stream order, so the events are done).
+    events: tuple[Any, Any, Any] | None = field(default=None, repr=False, compare=False)
+
+    def resolve(self) -> WorkerStats:
+        """Turn recorded events into milliseconds (idempotent)."""
+        if self.events is not None:
+            start, scored, copied = self.events
+            copied.synchronize()  # already complete where the output was read; a no-op then
+            self.score_ms, self.compact_ms = start.elapsed_time(scored), scored.elapsed_time(copied)
+            self.events = None
+        return self
+
+    def __getstate__(self):  # pickled to the scheduler's process under tensor parallelism
+        return self.resolve().__dict__

@@ -220,6 +220,7 @@ class SchedulerEviction:
                 rec = self.undelivered.get(rid)
                 if rec is None:
                     continue
+                st.resolve()
                 rec.score_ms, rec.compact_ms = round(st.score_ms, 3), round(st.compact_ms, 3)
                 if st.error:
                     # The commit is optimistic: the worker fell back to sinks + recent tokens.

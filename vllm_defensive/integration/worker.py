@@ -267,9 +267,7 @@ class WorkerEviction:
         kv_views = self._kv_views() if self.paged else None
         ctx_slots = None if self.paged else self._slots(src_blocks, 0, ctx)
         stats = WorkerStats()
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
+        clock = _StepClock(self.device)
         try:
             queries = self.stash.get(rid)
             if queries is None or not self.filled[rid].all():
@@ -282,8 +280,7 @@ class WorkerEviction:
             logger.exception("KV scoring failed for request %s", rid)
             stats.error = f"{type(e).__name__}: {e}"
             keep_idx = fallback_keep(cfg, ctx, heads, keep, self.device).expand(len(self.layers), heads, keep)
-        sync()
-        t1 = time.perf_counter()
+        clock.mark()
         if self.paged:
             self._copy_paged(keep_idx, kv_views, src_table, cp.dst_block_ids, ctx, tail)
         else:
@@ -293,9 +290,8 @@ class WorkerEviction:
                 src = torch.cat([ctx_slots[idx], tail_rows], dim=1)
                 k, v = self.layout.gather(layer.kv_cache, src)
                 self.layout.scatter(layer.kv_cache, dst_slots, k, v)
-        sync()
-        t2 = time.perf_counter()
-        stats.score_ms, stats.compact_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        clock.mark()
+        clock.into(stats)
         self.pending_stats[rid] = stats
         if cp.record_keep_sets:
             masks = []
@@ -362,6 +358,32 @@ class WorkerEviction:
     def take_stats(self) -> dict[str, WorkerStats] | None:
         stats, self.pending_stats = self.pending_stats, {}
         return stats or None
+
+
+class _StepClock:
+    """Scoring and compaction times without stalling the host: CUDA events on the compute stream
+    (read later, see `WorkerStats.resolve`), host clocks where the device runs synchronously."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = [self._now()]
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mark(self) -> None:
+        self.marks.append(self._now())
+
+    def into(self, stats: WorkerStats) -> None:
+        start, scored, copied = self.marks
+        if self.cuda:
+            stats.events = (start, scored, copied)
+        else:
+            stats.score_ms, stats.compact_ms = (scored - start) * 1e3, (copied - scored) * 1e3
 
 
 # --- patches on the V1 model runner -----------------------------------------------------------

@@ -142,6 +142,9 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (smoke runs); times are scaled up")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one paged request per shape and length (the last method): the GPU time per kernel "
+                         "goes into the row (profile_top) and profile_<shape>_<tokens>.txt")
     args = ap.parse_args()
     from vllm_defensive.integration import scoring
     from vllm_defensive import triton_kernels as tk
@@ -185,6 +188,11 @@ def main():
                     ms, peak = timed(run, args.repeat, sync)
                     kept["paged"] = run()
                     results["paged"] = {"request_ms": ms * shape["layers"] / n_layers, "peak_extra_mb": peak}
+                    if args.profile and cuda and method == args.methods[-1]:
+                        try:
+                            profile_top = profile_kernels(run, os.path.join(args.out, f"profile_{shape_name}_{tokens}.txt"))
+                        except Exception as e:  # a profiler problem must not cost the timings
+                            profile_top = [{"error": f"{type(e).__name__}: {e}"}]
                 agree = None
                 if "triton" in kept and "torch" in kept:  # keep-set agreement (bf16 ties may reorder a few)
                     a, b = kept["torch"], kept["triton"]
@@ -199,6 +207,8 @@ def main():
                     if method == args.methods[-1]:
                         row.update({k: v * shape["layers"] / n_layers for k, v in compaction_times(
                             layers, table, slots, kept["paged"].long(), args.repeat, sync).items()})
+                if args.profile and "paged" in kept and method == args.methods[-1]:
+                    row["profile_top"] = profile_top
                 if results.get("triton", {}).get("request_ms") and results["torch"]["request_ms"]:
                     row["speedup"] = results["torch"]["request_ms"] / results["triton"]["request_ms"]
                 rows.append(row)
@@ -220,6 +230,29 @@ def main():
     with open(os.path.join(args.out, "scoring_path.json"), "w") as f:
         json.dump(doc, f, indent=1)
     plot(doc, os.path.join(args.out, "scoring_path.png"))
+
+
+def profile_kernels(fn, path: str, top: int = 12) -> list[dict]:
+    """GPU time per kernel of one call (after a warm run): where a request's scoring time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(events.table(sort_by="cuda_time_total", row_limit=40))
+    def gpu_us(e) -> float:  # device_time_total since torch 2.4 (cuda_time_total before)
+        return float(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) or 0)
+
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA") and gpu_us(e) > 0]
+    kernels.sort(key=lambda e: -gpu_us(e))
+    total = sum(gpu_us(e) for e in kernels)
+    return [{"kernel": "(all kernels)", "calls": sum(e.count for e in kernels), "gpu_ms": round(total / 1e3, 4)}] + [
+        {"kernel": e.key[:80], "calls": e.count, "gpu_ms": round(gpu_us(e) / 1e3, 4)} for e in kernels[:top]]
 
 
 def plot(doc, path):

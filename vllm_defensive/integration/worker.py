@@ -70,7 +70,7 @@ class WorkerEviction:
         self.offsets: dict[str, int] = {}
         self.stash: dict[str, torch.Tensor] = {}  # request -> [layers, Hq, W, d] window queries
         self.filled: dict[str, np.ndarray] = {}  # request -> [W] bool, which window rows arrived
-        self.capture: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # this step's rows
+        self.capture: list[tuple[str, slice, slice]] = []  # this step's (request, token rows, window slots)
         self.step_plan = None
         self.pending_stats: dict[str, WorkerStats] = {}
         self.scoring_path = choose_selector(self.device)
@@ -156,9 +156,12 @@ class WorkerEviction:
             impl._kvd_hooked = True
 
     def capture_queries(self, layer_index: int, query: torch.Tensor) -> None:
+        # Contiguous rows into contiguous window slots: one strided copy per request and layer
+        # (no index tensors: this runs inside every layer's forward, where small models are
+        # bound by the host's time per launch).
         q = query.view(query.shape[0], self.num_heads, self.head_size)
         for rid, rows, slots in self.capture:
-            self.stash[rid][layer_index][:, slots] = q[rows].transpose(0, 1).to(self.dtype)
+            self.stash[rid][layer_index, :, slots].copy_(q[rows].transpose(0, 1))
 
     # -- per step -------------------------------------------------------------------------------
     def forget(self, request_ids) -> None:
@@ -194,10 +197,8 @@ class WorkerEviction:
                                                   dtype=self.dtype, device=self.device)
                     self.filled[rid] = np.zeros(we - ws, dtype=bool)
                 start = int(runner.query_start_loc.np[row])
-                rows = torch.arange(lo - nc + start, hi - nc + start, device=self.device)
-                slots = torch.arange(lo - ws, hi - ws, device=self.device)
                 self.filled[rid][lo - ws : hi - ws] = True
-                self.capture.append((rid, rows, slots))
+                self.capture.append((rid, slice(lo - nc + start, hi - nc + start), slice(lo - ws, hi - ws)))
         if not self.offsets:
             return
         offs = np.array([self.offsets.get(rid, 0) for rid in batch.req_ids[:num_reqs]], dtype=np.int64)

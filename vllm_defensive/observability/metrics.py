@@ -155,11 +155,11 @@ class EvictionMetrics:
             lab, registry=None, buckets=KEPT_FRACTION_BUCKETS)
         self.scoring_seconds = Histogram(
             PREFIX + "scoring_seconds",
-            "Time to score a request's prompt tokens for eviction.",
+            "Time to score a request's prompt tokens for eviction (device time on GPUs).",
             lab, registry=None, buckets=LATENCY_BUCKETS)
         self.compaction_seconds = Histogram(
             PREFIX + "compaction_seconds",
-            "Time to compact a request's KV cache (gather kept tokens, free blocks).",
+            "Time to compact a request's KV cache: copy the kept tokens into fresh blocks (device time on GPUs).",
             lab, registry=None, buckets=LATENCY_BUCKETS)
 
         self._all = [self.requests_compacted, self.requests_skipped, self.prompt_tokens,

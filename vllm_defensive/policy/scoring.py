@@ -123,23 +123,25 @@ def window_stats(
     return WindowStats(defensive_max, snap, unpooled, bias.float())
 
 
-def value_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def value_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """CriticalKV's ||v W_o^q||_1 per token, averaged over each KV head's query group.
 
     values [Hkv, N, d]; o_proj_weight [D, Hq*d] (nn.Linear layout). Returns fp32 [Hkv, N].
-    Chunked over tokens so the (tokens x D) product never exceeds `chunk` rows per head.
+    One GEMM per KV head against its group's W_o slices side by side, chunked over tokens so the
+    (tokens x G*D) product stays bounded: `chunk` rows (default 256 on the CPU, where a product
+    that fits the caches runs ~3x faster than 4096 rows; 4096 elsewhere).
     """
     hkv, n, d = values.shape
     dim_out, hqd = o_proj_weight.shape
-    hq = hqd // d
-    g = group_size(hq, hkv)
-    # [Hkv, G, d, D]: the d x D slice of W_o^T for each query head of each group.
-    wo = o_proj_weight.float().t().reshape(hq, d, dim_out).view(hkv, g, d, dim_out)
+    g = group_size(hqd // d, hkv)
+    if chunk is None:
+        chunk = 256 if values.device.type == "cpu" else 4096
+    # [Hkv, d, G*D]: the d x D slices of W_o^T of a group's query heads, side by side.
+    wo = o_proj_weight.float().t().reshape(hkv, g, d, dim_out).permute(0, 2, 1, 3).reshape(hkv, d, g * dim_out)
     out = torch.empty(hkv, n, dtype=torch.float32, device=values.device)
     for s in range(0, n, chunk):
-        v = values[:, s : s + chunk].float()  # [Hkv, c, d]
-        proj = torch.einsum("hcd,hgdo->hgco", v, wo)  # [Hkv, G, c, D]
-        out[:, s : s + chunk] = proj.abs().sum(-1).mean(1)
+        proj = torch.bmm(values[:, s : s + chunk].float(), wo)  # [Hkv, c, G*D]
+        out[:, s : s + chunk] = proj.abs_().view(hkv, -1, g, dim_out).sum(-1).mean(-1)
     return out
 
 

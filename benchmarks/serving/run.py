@@ -50,6 +50,7 @@ def start_server(model_dir, name, port, kv_bytes, max_len, plugin: bool, extra, 
         cmd += ["--kv-eviction", "defensive", "--kv-budget", "1.0"]
     else:
         env["VLLM_PLUGINS"] = "none"
+    env["VLLM_SERVER_DEV_MODE"] = "1"  # for POST /reset_prefix_cache between runs (reset_prefix_cache)
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.time()
@@ -73,14 +74,40 @@ def stop_server(proc):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def parse_workload(spec: str):
-    # "8k-256:burst:48" or "8k-256:poisson:48@4"
-    name, arrival, count = spec.split(":")
+def reset_prefix_cache(url: str) -> None:
+    """Every measured run starts with a cold prefix cache. The runs of one server reuse the same
+    random prompts (plain and plugin see the same ones), and a compacted request's old blocks go
+    back to the free pool with their hashes: without a reset, a later run (another budget) could
+    hit the cache left by an earlier one and skip most of its prefill."""
+    r = httpx.post(f"{url}/reset_prefix_cache", timeout=30)
+    if r.status_code != 200:
+        raise RuntimeError(f"POST /reset_prefix_cache answered {r.status_code}: {r.text[:200]}")
+
+
+def reset_outcomes(log_path: Path) -> dict:
+    """How the server answered the resets. vLLM refuses one while any KV block is still held, so a
+    failed reset between runs (nothing in flight) means blocks leaked in the run before it."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    return {"ok": text.count("Successfully reset prefix cache"),
+            "failed_blocks_still_held": text.count("Failed to reset prefix cache")}
+
+
+def parse_workload(spec: str, default_budgets: list[float]):
+    """"8k-256:burst:48", "8k-256:poisson:48@4"; an optional last field names the plugin budgets
+    of this workload ("32k-128:burst:12:0.2/1.0"), else --budgets."""
+    fields = spec.split(":")
+    if len(fields) not in (3, 4) or fields[0] not in WORKLOADS or fields[1] not in ("burst", "poisson"):
+        raise ValueError(f"workload {spec!r}: want NAME:burst|poisson:COUNT[@RATE][:B1/B2...], NAME in "
+                         f"{', '.join(WORKLOADS)}")
+    name, arrival, count = fields[:3]
     rate = None
     if "@" in count:
         count, r = count.split("@")
         rate = float(r)
-    return name, arrival, int(count), rate
+    if (arrival == "poisson") != (rate is not None):
+        raise ValueError(f"workload {spec!r}: poisson arrivals need a rate (COUNT@RATE), bursts none")
+    budgets = [float(b) for b in fields[3].split("/")] if len(fields) == 4 else list(default_budgets)
+    return name, arrival, int(count), rate, budgets
 
 
 def versions() -> dict:
@@ -122,12 +149,16 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"device": device(), "versions": versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "model": args.name, "kv_cache_bytes": args.kv_bytes,
+           "model": args.name, "kv_cache_bytes": args.kv_bytes, "prefix_cache": "reset before every run",
            "command": " ".join(sys.argv), "servers": [], "runs": []}
 
     def save():
         out.write_text(json.dumps(doc, indent=1))
 
+    try:
+        workloads = [parse_workload(spec, args.budgets) for spec in args.workloads]
+    except ValueError as e:
+        ap.error(str(e))
     wanted = [x.strip() for x in args.servers.split(",") if x.strip()]
     if not wanted or set(wanted) - {"plain", "plugin"}:
         ap.error(f"--servers takes plain and/or plugin, got {args.servers!r}")
@@ -143,13 +174,12 @@ def main():
             # JIT-compile the Triton kernels inside a measured burst; the worker now warms them up)
             warm_xargs = {"kv_eviction": "defensivekv", "kv_budget": 0.2} if plugin else None
             asyncio.run(run_load(url, args.name, args.warmup, 512, 8, None, warm_xargs))
-            for spec in args.workloads:
-                wl, arrival, count, rate = parse_workload(spec)
+            for wl, arrival, count, rate, budgets in workloads:
                 prompt_len, max_tokens = WORKLOADS[wl]
-                budgets = args.budgets if plugin else [None]
-                for b in budgets:
+                for b in budgets if plugin else [None]:
                     xargs = {"kv_eviction": "defensivekv", "kv_budget": b} if plugin else None
                     print(f"[bench] {args.name} {wl} {arrival} plugin={plugin} budget={b}", flush=True)
+                    reset_prefix_cache(url)
                     res = asyncio.run(run_load(url, args.name, count, prompt_len, max_tokens, rate, xargs))
                     row = {"model": args.name, "workload": wl, "arrival": arrival, "rate": rate,
                            "method": "defensivekv" if plugin else "plain", "budget": b, **summarize(*res)}
@@ -158,6 +188,7 @@ def main():
                     save()
         finally:
             stop_server(proc)
+            doc["servers"][-1]["prefix_cache_resets"] = reset_outcomes(log_path)
     save()
 
 

@@ -508,9 +508,13 @@ def bench_compaction(name, shp, n, ceil, keep=0.2):
 
 
 # (the first sweep, on the previous pass-2 design, is kept in results/kernels/sweep_run2.json)
-SWEEP_P1 = [{"p1_warps": 4}]
-SWEEP_P2 = [{"p2_warps": 8}, {"p2_bn": 32}, {"p2_stages": 3}, {"p2_programs_per_sm": 1}, {"p2_programs_per_sm": 4}]
-SWEEP_BR = {"qwen05b": [{"br": 64}], "llama8b": []}
+SWEEP_P1 = [{"p1_warps": 4}, {"p1_bn": 128}, {"p1_stages": 4}, {"p1_programs_per_sm": 8}]
+SWEEP_P2 = [{"p2_warps": 8}, {"p2_bn": 32}, {"p2_stages": 3}, {"p2_programs_per_sm": 1}, {"p2_programs_per_sm": 3},
+            {"p2_programs_per_sm": 4}]
+# Qwen's 7 x 32 = 224 window rows per KV head: 4 blocks of 64 (the default), 2 of 128, or one of 256
+# (the queries and row statistics then stay in registers across the tiles)
+SWEEP_BR = {"qwen05b": [{"br": 64}, {"br": 128}, {"br": 256}, {"br": 128, "p2_warps": 8}, {"br": 256, "p2_warps": 8}],
+            "llama8b": []}
 
 
 def sweep(ceil, n=32768, shapes=None):

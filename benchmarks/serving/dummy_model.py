@@ -1,4 +1,5 @@
 """A weight-less model folder for `--load-format dummy`: a config of a real architecture's shape
+(Llama-3.1-8B, Qwen2.5-Coder-0.5B)
 plus a tokenizer borrowed from another folder (prompts are random token ids below 20000, so any
 tokenizer whose vocabulary fits the config serves).
 
@@ -22,6 +23,16 @@ SHAPES = {
         "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
         "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    },
+    # Qwen2.5-Coder-0.5B-Instruct's config (the real-weights model of the quality runs), for serving
+    # runs that need no weights on the machine: same shapes, same kernels, random weights
+    "qwen05b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
+        "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+        "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 151936, "tie_word_embeddings": False,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": 28,
+        "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645,
     },
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")

@@ -140,10 +140,17 @@ def finish_records(processor, tracked: dict) -> None:
 # --- streaming helpers --------------------------------------------------------------------------
 
 
+# Only a chunk that finishes a choice carries a string finish_reason; every other chunk says
+# "finish_reason":null. Checked on the raw text so that the per-token chunks are not parsed (this
+# runs in the API server's event loop for every streamed token). Text inside a choice is
+# JSON-escaped, so it cannot contain these unescaped quotes.
+_FINISHED = ('"finish_reason":"', '"finish_reason": "')
+
+
 def _tag_chunk(chunk: str, records: dict[int, dict], per_prompt: int | None) -> str:
     """Add kv_eviction to an SSE chunk that finishes a choice (choice index // per_prompt is the
     prompt; None: a single prompt)."""
-    if not records or not chunk.startswith("data: {") or '"finish_reason":' not in chunk:
+    if not records or not chunk.startswith("data: {") or not any(m in chunk for m in _FINISHED):
         return chunk
     try:
         data = json.loads(chunk[len("data: "):])

@@ -76,9 +76,11 @@ CONFIG = {
     "p2_programs_per_sm": 2,  # pass-2 programs (each a run of tiles) per SM
     "br": 0,  # rows per block (0 = choose from the group size)
 }
-# Per head-dim overrides of CONFIG: the best of the last H100 sweep at 32K (benchmarks/results/
-# kernels/kernels.json "sweep"; 32-key tiles were within 1% of 64 there for d = 128).
-CONFIG_BY_HEAD_DIM: dict[int, dict] = {128: {"p2_bn": 32}, 64: {}}
+# Per head-dim overrides of CONFIG: the best of the H200 sweep at 32K (benchmarks/results/kernels/
+# h200_2026-12-01/kernels.json "sweep": d = 128 pass 1 on 4 warps -11%; d = 64 pass-1 tiles of
+# 128 keys -6%). On the H100 sweep (../kernels.json) 4 pass-1 warps and 32- vs 64-key pass-2
+# tiles were within 1.5% for d = 128.
+CONFIG_BY_HEAD_DIM: dict[int, dict] = {128: {"p1_warps": 4}, 64: {"p1_bn": 128}}
 
 
 def _cfg(d: int) -> dict:

@@ -27,23 +27,33 @@ def load(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def scores(recs, method, budget, protocol, tokens) -> dict[str, dict[str, float]]:
-    """task -> uid -> score for one run."""
+def scores(recs, method, budget, protocol, tokens, model=None) -> dict[str, dict[str, float]]:
+    """task -> uid -> score for one run (of `model`, where the samples hold several)."""
     out: dict[str, dict[str, float]] = defaultdict(dict)
     for r in recs:
         if r["method"] == method and (method == "none" or abs(r["budget"] - budget) < 1e-9) \
-                and r["protocol"] == protocol and r["tokens"] == tokens:
+                and r["protocol"] == protocol and r["tokens"] == tokens and model in (None, r["model"]):
             out[r["task"]][r["uid"]] = float(r["score"])
     return out
 
 
-def run_machine(samples_path: str) -> dict:
-    """Device and versions of the eval run that wrote these samples (its meta.json, beside them)."""
+def run_machine(samples_path: str, model: str | None = None) -> dict:
+    """Device and versions of the eval run that wrote these samples (its meta.json, beside them;
+    a folder that merged several machines names each model's device)."""
     meta = Path(samples_path).with_name("meta.json")
     if not meta.is_file():
         raise SystemExit(f"no {meta}: every figure needs its machine (run_gpu.sh copies meta.json)")
     doc = json.loads(meta.read_text())
-    return {"device": doc.get("device"), "versions": doc.get("versions")}
+    return {"device": (doc.get("devices") or {}).get(model) or doc.get("device"), "versions": doc.get("versions")}
+
+
+def one_model(recs: list[dict], model: str | None, path: str) -> None:
+    """Samples of several models need --model (their uids repeat across models)."""
+    models = sorted({r["model"] for r in recs})
+    if model is None and len(models) > 1:
+        raise SystemExit(f"{path} holds {', '.join(models)}: pass --model")
+    if model is not None and model not in models:
+        raise SystemExit(f"{path} holds no results of {model!r} (it has {', '.join(models)})")
 
 
 def paired(a: dict, b: dict, n_boot: int = 5000, seed: int = 0) -> dict:
@@ -73,16 +83,19 @@ def main():
     ap.add_argument("--budget", type=float, default=0.2)
     ap.add_argument("--protocol", default="query_aware")
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--model", help="model label, where the samples hold several models")
     ap.add_argument("--label", default="", help="what the comparison is, stored in the output")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     recs_a = load(args.samples)
     recs_b = load(args.baseline_samples) if args.baseline_samples else recs_a
+    one_model(recs_a, args.model, args.samples)
+    one_model(recs_b, args.model, args.baseline_samples or args.samples)
     rows = []
     for pair in args.pairs:
         ma, mb = pair.split(",")
-        a = scores(recs_a, ma, args.budget, args.protocol, args.tokens)
-        b = scores(recs_b, mb, args.budget, args.protocol, args.tokens)
+        a = scores(recs_a, ma, args.budget, args.protocol, args.tokens, args.model)
+        b = scores(recs_b, mb, args.budget, args.protocol, args.tokens, args.model)
         row = {"a": ma, "b": mb, **paired(a, b)}
         rows.append(row)
         print(json.dumps(row))
@@ -90,11 +103,12 @@ def main():
         doc = json.load(open(args.out))
     except (FileNotFoundError, json.JSONDecodeError):
         doc = {"what": "paired bootstrap of score(a) - score(b) on the same prompts (RULER average over tasks)",
-               **run_machine(args.samples), "comparisons": []}
-    runs = {"samples": {"path": args.samples, **run_machine(args.samples)}}
+               **run_machine(args.samples, args.model), "comparisons": []}
+    runs = {"samples": {"path": args.samples, **run_machine(args.samples, args.model)}}
     if args.baseline_samples:
-        runs["baseline_samples"] = {"path": args.baseline_samples, **run_machine(args.baseline_samples)}
-    doc["comparisons"].append({"label": args.label, **runs, "budget": args.budget, "protocol": args.protocol,
+        runs["baseline_samples"] = {"path": args.baseline_samples, **run_machine(args.baseline_samples, args.model)}
+    doc["comparisons"].append({"label": args.label, **({"model": args.model} if args.model else {}), **runs,
+                               "budget": args.budget, "protocol": args.protocol,
                                "tokens": args.tokens, "rows": rows})
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)

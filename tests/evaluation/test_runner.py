@@ -187,6 +187,23 @@ def test_merge_results_from_another_machine(tmp_path, smollm2_dir, ruler_cache, 
         merge_results(merged, tmp_path / "missing.jsonl")
 
 
+def test_merged_machines_keep_each_models_device(tmp_path, smollm2_dir, ruler_cache, ruler_data):
+    from vllm_defensive.evaluation.runner import merge_results
+
+    for label, device in (("model-a", "GPU A"), ("model-b", "GPU B")):
+        cfg = _cfg(tmp_path / label, smollm2_dir, ruler_cache, methods=["none", "snapkv"], budgets=[0.2],
+                   model_label=label, device=device)
+        _run(cfg, FakeEndpoint(ruler_data))
+        merge_results(tmp_path / "merged", cfg.out_dir)
+    meta = json.loads((tmp_path / "merged" / "meta.json").read_text())
+    assert meta["devices"] == {"model-a": "GPU A", "model-b": "GPU B"}
+    out = runner.write_reports(runner.EvalConfig(out_dir=tmp_path / "merged", n_boot=50),
+                               ResultStore(tmp_path / "merged" / "samples.jsonl"))
+    summary = json.loads(out["summary"].read_text())
+    assert {(r["model"], r["device"]) for r in summary["runs"]} == {("model-a", "GPU A"), ("model-b", "GPU B")}
+    assert summary["device"] == "GPU A (model-a); GPU B (model-b)"
+
+
 def test_endpoint_refusing_overrides_is_a_clear_error(tmp_path, smollm2_dir, ruler_cache, ruler_data):
     with pytest.raises(runner.EvalError, match="refused a request with vllm_xargs"):
         _run(_cfg(tmp_path, smollm2_dir, ruler_cache), FakeEndpoint(ruler_data, reject_xargs=True))

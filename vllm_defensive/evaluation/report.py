@@ -69,24 +69,40 @@ def write_results(out_dir: Path, runs: list[dict], meta: dict) -> Path:
     return path
 
 
-def write_summary(out_dir: Path, runs: list[dict], device: str, versions: dict) -> Path:
+def describe_devices(device: str, devices: dict[str, str] | None) -> str:
+    """The summary's top-level device: the one device, or each device with its models."""
+    if not devices or len(set(devices.values())) <= 1:
+        return next(iter(devices.values())) if devices else device
+    by_device: dict[str, list[str]] = {}
+    for model, dev in sorted(devices.items()):
+        by_device.setdefault(dev, []).append(model)
+    return "; ".join(f"{dev} ({', '.join(models)})" for dev, models in by_device.items())
+
+
+def write_summary(out_dir: Path, runs: list[dict], device: str, versions: dict,
+                  devices: dict[str, str] | None = None) -> Path:
+    """summary.json; `devices` ({model label: device}) adds a device to every row, for folders
+    that merged runs of several machines."""
     rows = []
     for r in runs:
         row = {k: r[k] for k in SUMMARY_FIELDS}
+        if devices:
+            row["device"] = devices.get(r["model"], device)
         row.update(loss_ci95=r.get("loss_ci95"), n_samples=r["n_samples"])
         if "complete" in r:
             row["complete"] = r["complete"]
         rows.append(row)
     path = out_dir / "summary.json"
-    _dump(path, {"device": device, "versions": versions,
+    _dump(path, {"device": describe_devices(device, devices), "versions": versions,
                  "loss_pct_definition": "100 * (full-cache score - score) / full-cache score of the same model, "
                                         "tokens and protocol; positive = worse than full cache",
                  "runs": rows})
     return path
 
 
-def plot(out_dir: Path, runs: list[dict], name: str = "quality.png") -> Path | None:
-    """Score against budget per method, one panel per (model, tokens, protocol)."""
+def plot(out_dir: Path, runs: list[dict], name: str = "quality.png", devices: dict[str, str] | None = None) -> Path | None:
+    """Score against budget per method, one panel per (model, tokens, protocol); `devices` names
+    each model's device in its panels' titles."""
     if not runs:
         return None
     import matplotlib
@@ -123,7 +139,8 @@ def plot(out_dir: Path, runs: list[dict], name: str = "quality.png") -> Path | N
             budgets = [r["budget"] for r in sel if r["method"] != FULL_CACHE] or [1.0]
             ax.set_xlim(0.0, max(0.5, max(budgets) + 0.06))
             ax.set_ylim(-2, 102)
-            ax.set_title(f"{model}, {tokens} tokens, {proto}", fontsize=9)
+            where = f"\n{devices[model]}" if devices and model in devices else ""
+            ax.set_title(f"{model}, {tokens} tokens, {proto}{where}", fontsize=9)
             ax.set_xlabel("KV budget (fraction of context kept)")
             if j == 0:
                 ax.set_ylabel("RULER average score")

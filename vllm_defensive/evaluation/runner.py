@@ -217,9 +217,11 @@ def write_reports(cfg: EvalConfig, store: ResultStore, extra_meta: dict | None =
     notes = old.get("notes", []) + [n for n in cfg.notes if n not in old.get("notes", [])]
     meta = {**old, **extra_meta, "device": device, "versions": versions, "commands": commands, "notes": notes}
     meta.pop("command", None)
+    devices = model_devices(old)
     if "last_run" in extra_meta:  # one entry per model label, the latest invocation's
         inv = dict(old.get("invocations", {}))
         last = extra_meta["last_run"]
+        devices[last["model"]] = device
         prev = inv.get(last["model"], {})
         if not last.get("requests"):  # nothing ran: keep the last probe and request counts
             last = {**prev, **{k: v for k, v in last.items() if k not in ("probe", "requests", "failed",
@@ -227,12 +229,14 @@ def write_reports(cfg: EvalConfig, store: ResultStore, extra_meta: dict | None =
         inv[last["model"]] = last
         meta["invocations"] = inv
         meta.pop("last_run")
+    if devices:
+        meta["devices"] = devices
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     results = report.write_results(out, runs, {
         "command": commands[-1] if commands else None, **meta,
         "samples_file": RESULTS_FILE, "bad_lines_skipped": store.bad_lines})
-    summary = report.write_summary(out, runs, device, versions)
-    png = report.plot(out, runs)
+    summary = report.write_summary(out, runs, device, versions, devices)
+    png = report.plot(out, runs, devices=devices)
     return {"runs": runs, "results": results, "summary": summary, "plot": png}
 
 
@@ -302,6 +306,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     return asyncio.run(evaluate_async(cfg))
 
 
+def model_devices(meta: dict) -> dict[str, str]:
+    """{model label: device} of a run folder's meta.json (folders written before `devices`
+    existed ran one device: their `device`, for every model they invoked)."""
+    if meta.get("devices"):
+        return dict(meta["devices"])
+    if meta.get("device"):
+        return {label: meta["device"] for label in meta.get("invocations", {})}
+    return {}
+
+
 def merge_results(out_dir: Path, src: Path) -> int:
     """Add another run folder's results (and meta: device, versions, commands) to `out_dir`."""
     src = Path(src)
@@ -326,8 +340,10 @@ def merge_results(out_dir: Path, src: Path) -> int:
                                                          if c not in mine.get("commands", [])]
         merged["invocations"] = {**theirs.get("invocations", {}), **mine.get("invocations", {})}
         merged["notes"] = mine.get("notes", []) + [n for n in theirs.get("notes", []) if n not in mine.get("notes", [])]
-        devices = {d for d in (mine.get("device"), theirs.get("device")) if d}
-        if len(devices) > 1:
-            log.warning("merging results from different devices: %s", sorted(devices))
+        by_model = {**model_devices(theirs), **model_devices(mine)}
+        if by_model:
+            merged["devices"] = by_model  # the reports name each model's device
+        if len({d for d in (mine.get("device"), theirs.get("device")) if d}) > 1:
+            log.info("merged results of several devices: %s", sorted(set(by_model.values())))
         mine_path.write_text(json.dumps(merged, indent=2) + "\n")
     return added

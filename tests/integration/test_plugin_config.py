@@ -199,7 +199,7 @@ def test_request_values_are_validated_naming_the_field():
         cfg = resolve(server, {"kv_uniform_floor": flag, "kv_uniform_norm": "raw"})
         assert cfg.uniform_floor is True and cfg.uniform_norm == "raw"
     assert resolve(server, {"kv_uniform_floor": 0}).uniform_floor is False
-    assert resolve(server, {"kv_uniform_risk_first": 0.5}).uniform_risk_first == 0.5
+    assert resolve(server, {"kv_uniform_risk_first": 0}).uniform_risk_first == 0.0
     for extra, field in cases:
         with pytest.raises(VLLMValidationError) as e:
             validate(server, extra)

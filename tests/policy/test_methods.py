@@ -277,9 +277,9 @@ def test_uniform_risk_first_fills_part_of_each_head_by_the_unfloored_risk():
     risks (window and sinks included), the rest to the uniform ranking; 0 changes nothing."""
     (layer,) = make_layers(1, 4, 2, 300, 8, seed=5)
     k = 60
-    base = EvictionConfig(method="defensivekv", budget_tokens=k, window=8)
-    plain = get_method(base).compress_uniform(layer, k)
-    assert torch.equal(get_method(base.model_copy(update={"uniform_risk_first": 0.0})).compress_uniform(layer, k), plain)
+    base = EvictionConfig(method="defensivekv", budget_tokens=k, window=8, uniform_risk_first=0.0)
+    plain = get_method(base).compress_uniform(layer, k)  # the floored ranking alone
+    assert EvictionConfig(method="defensivekv").uniform_risk_first == 0.5  # the default
     for frac in (0.5, 1.0):
         m = get_method(base.model_copy(update={"uniform_risk_first": frac}))
         kept = m.compress_uniform(layer, k)

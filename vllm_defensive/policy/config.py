@@ -36,9 +36,9 @@ class EvictionConfig(BaseModel):
     probs_fp32: bool = Field(False, description="keep window probabilities in fp32 (official: model dtype)")
     fix_window_bias: bool = Field(False, description="measure window bias on the window (official: last prefix W)")
     # How DefensiveKV ranks a head's tokens when every head keeps the same count (the plugin's
-    # allocation). Defaults: the floored risk x the token's own value norm, which the served GPU
-    # runs (benchmarks/results/quality_ranking/) measured +7.5 / +8.0 RULER points above the
-    # published share weighting at 4K / 8K; (False, "share") is the earlier default.
+    # allocation). Defaults: half of each head's count by the unfloored worst-case risk, the rest
+    # by the floored risk x the token's own value norm (DefensiveKV.uniform_scores says why;
+    # benchmarks/results/quality_ranking/ has the measurements).
     uniform_floor: bool = Field(
         True, description="DefensiveKV with the same count on every head: rank each head's tokens by "
         "the floored risk (True, the published score) or the unfloored one (False)")
@@ -48,10 +48,11 @@ class EvictionConfig(BaseModel):
         "heads (share, the published score: its per-token divisor only matters when heads compete)")
 
     uniform_risk_first: float = Field(
-        0.0, ge=0, le=1, description="DefensiveKV with the same count on every head: this fraction of "
+        0.5, ge=0, le=1, description="DefensiveKV with the same count on every head: this fraction of "
         "each head's count is first filled by the unfloored worst-case risk alone (the window and "
         "sinks count toward it), the rest by the uniform ranking above; CriticalKV's two-stage "
-        "shape, so a needle the floor ties with the haystack can still win a place (0: off)")
+        "shape, so a needle the floor ties with the haystack can still win a place (0: the floored "
+        "ranking alone)")
 
     @field_validator("method", mode="before")
     @classmethod

@@ -344,12 +344,21 @@ class DefensiveKV(EvictionMethod):
         tokens below it on SmolLM2 NIAH prompts), and those ties are then broken by the norm
         alone: by the share, noise; by the token's own ||v W_o||, CriticalKV's signal.
 
-        Defaults (`uniform_floor=True`, `uniform_norm="raw"`): floored risk x own value norm.
+        Ranking (`uniform_floor=True`, `uniform_norm="raw"`): floored risk x own value norm.
         Served on the GPU (Qwen2.5-Coder-0.5B, RULER 13 tasks, 20%,
         benchmarks/results/quality_ranking/) it scored +7.5 (4K) and +8.0 (8K) points above the
-        share weighting without the floor (the earlier default), which the floored share
-        ranking was 7.8 points below in turn. Either field can be set per request.
-        Stage-1, window and sink tokens stay forced whatever the ranking."""
+        share weighting without the floor, which the floored share ranking was 7.8 points below
+        in turn.
+
+        The floor is also what makes it fragile: a token whose worst-case risk stays under its
+        head's mean ties with the haystack, and on SmolLM2-135M the needle's digits do (RULER
+        niah_single_1 at 20%: 2 of 25 served on the GPU, 3 of 25 on the CPU, against 21 for
+        SnapKV; the published head-wise allocation loses it too). So by default
+        (`uniform_risk_first=0.5`) half of each head's count goes first to the top *unfloored*
+        worst-case risks, the rest to the floored ranking: CriticalKV's two-stage shape with
+        DefensiveKV's aggregation. It keeps SmolLM2's needle (21 of 25 served, CPU) at -1.2 /
+        -1.7 points (95% CIs include 0) on Qwen's 13 tasks at 4K / 8K. Every field can be set
+        per request. Stage-1, window and sink tokens stay forced whatever the ranking."""
         c, ex = self.config, scored.extra
         raw_risk = ex["stats"].defensive_max
         risk = prior_risk_floor(raw_risk) if c.uniform_floor else raw_risk

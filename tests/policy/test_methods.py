@@ -274,7 +274,8 @@ def test_uniform_defensive_share_and_raw_norm_rank_differently():
 
 def test_uniform_risk_first_fills_part_of_each_head_by_the_unfloored_risk():
     """`uniform_risk_first=f`: f x the count per head goes first to the top unfloored worst-case
-    risks (window and sinks included), the rest to the uniform ranking; 0 changes nothing."""
+    risks (window and sinks included), the rest to the floored ranking; 0 is that ranking alone
+    and 0.5 the default."""
     (layer,) = make_layers(1, 4, 2, 300, 8, seed=5)
     k = 60
     base = EvictionConfig(method="defensivekv", budget_tokens=k, window=8, uniform_risk_first=0.0)

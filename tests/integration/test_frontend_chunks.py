@@ -2,9 +2,15 @@
 
 import json
 
-from vllm_defensive.integration.frontend import _tag_chunk
-
 RECORD = {0: {"method": "defensivekv", "compacted": True, "skip_reason": None}}
+
+
+def _tag_chunk(chunk_text, records, per_prompt):
+    # imported here, not at module level: vLLM imports Triton, which must not be imported before
+    # tests/kernels/conftest.py sets TRITON_INTERPRET (the kernel tests would all skip)
+    from vllm_defensive.integration.frontend import _tag_chunk as tag
+
+    return tag(chunk_text, records, per_prompt)
 
 
 def chunk(text: str, finish, index: int = 0) -> str:

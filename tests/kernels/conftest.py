@@ -54,6 +54,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def kernels_run() -> bool:
+    """Whether the `interp` tests run here (CUDA, or the interpreter on CPU) instead of skipping."""
+    return HAS_CUDA or TRITON_CPU
+
+
+@pytest.fixture(scope="session")
 def kdev() -> torch.device:
     """Device of the small-size kernel tests: CUDA when present, else the CPU (interpreter)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")

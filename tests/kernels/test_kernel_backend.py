@@ -54,3 +54,11 @@ def test_bad_impl():
     with pytest.raises(ValueError):
         tk.paged_value_norms(torch.zeros(1, 16, 1, 64), torch.zeros(1, dtype=torch.int32), 4, torch.zeros(8, 64),
                              impl="cuda")
+
+
+def test_the_kernel_tests_run_here(kernels_run):
+    """Without CUDA the kernel tests run on Triton's interpreter. A test module elsewhere that
+    imports vLLM (which imports Triton) at module level, before tests/kernels/conftest.py sets
+    TRITON_INTERPRET, would make every one of them skip without a word: fail instead."""
+    assert kernels_run, ("Triton's interpreter is unusable: Triton missing, or imported before "
+                         "TRITON_INTERPRET was set (import vLLM inside tests, not at module level)")

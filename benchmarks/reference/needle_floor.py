@@ -20,7 +20,7 @@ from niah import machine  # noqa: E402
 
 from vllm_defensive.evaluation.tasks import cache_path, read_cached, tokenizer_fingerprint  # noqa: E402
 from vllm_defensive.models import ensure_model  # noqa: E402
-from vllm_defensive.policy import EvictionConfig, get_method  # noqa: E402
+from vllm_defensive.policy import EvictionConfig, Measurements, get_method  # noqa: E402
 from vllm_defensive.reference import load_model, prefill  # noqa: E402
 
 RANKINGS = {"floored": 0.0, "two_stage": 0.5}  # uniform_risk_first
@@ -57,16 +57,18 @@ def main(argv=None):
         ids = tok(s.prompt, add_special_tokens=True)["input_ids"]
         pos = needle_positions(tok, ids, s.outputs[0])
         pre = prefill(model, ids, context_len=len(ids), window=32)
-        k = EvictionConfig(method="defensivekv", budget=args.budget).keep_per_head(len(ids))
+        k = methods["floored"].config.keep_per_head(len(ids))
         heads, below, below_all, entries, all_entries = [], 0, 0, 0, 0
         for li, x in enumerate(pre.layers):
-            risk = methods["floored"].measure(x).stats.defensive_max  # [Hkv, P]
+            # one measurement per layer serves both rankings (they differ only after it)
+            measured = Measurements.stack([methods["floored"].measure(x)])
+            risk = measured.stats.defensive_max[0]  # [Hkv, P]
             under = risk < risk.mean(-1, keepdim=True)
             below += int(under[:, pos].sum())
             below_all += int(under.sum())
             entries += under[:, pos].numel()
             all_entries += under.numel()
-            kept = {name: m.compress_uniform(x, k) for name, m in methods.items()}
+            kept = {name: m.compress_uniform_measured(measured, 1, k)[0] for name, m in methods.items()}
             for h in range(x.num_kv_heads):
                 heads.append({"layer": li, "head": h, "needle_under_mean": int(under[h, pos].sum()),
                               **{name: len(set(pos) & set(kept[name][h].tolist())) for name in methods}})

@@ -351,7 +351,8 @@ class DefensiveKV(EvictionMethod):
         in turn.
 
         The floor is also what makes it fragile: a token whose worst-case risk stays under its
-        head's mean ties with the haystack, and on SmolLM2-135M the needle's digits do (RULER
+        head's mean ties with the haystack, and on SmolLM2-135M a third to a half of the
+        needle's (layer, head) entries do (RULER
         niah_single_1 at 20%: 2 of 25 served on the GPU, 3 of 25 on the CPU, against 21 for
         SnapKV; the published head-wise allocation loses it too). So by default
         (`uniform_risk_first=0.5`) half of each head's count goes first to the top *unfloored*

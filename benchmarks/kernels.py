@@ -656,8 +656,40 @@ def plot(results, path):
 
 
 # --- offline resource report (no GPU) -----------------------------------------------------------------
+def _sass_loops(sass: str):
+    """(instructions per iteration, of them outside forward-branch blocks) of each loop of a SASS
+    listing: the second is the hot path of the scoring passes, whose skipped blocks are the few
+    edge tiles' code (causal mask, pooling edges, bias columns)."""
+    import re
+
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"^\.(L_x_\d+):", line.strip())
+        if m:
+            labels[m.group(1)] = len(ins)
+            continue
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(.*?);", line)
+        if m:
+            ins.append(m.group(1))
+    out = []
+    for i, text in enumerate(ins):
+        m = re.search(r"BRA\s.*?(L_x_\d+)", text)
+        if not (m and labels.get(m.group(1), i + 1) <= i):
+            continue
+        a = labels[m.group(1)]
+        cold = set()
+        for j in range(a, i + 1):
+            f = re.match(r"@!?P\d\s+BRA\s.*?(L_x_\d+)", ins[j])
+            if f and labels.get(f.group(1), -1) > j:
+                cold.update(range(j + 1, min(labels[f.group(1)], i + 1)))
+        out.append((i - a + 1, i - a + 1 - len(cold)))
+    return out
+
+
 def resources():
-    """Compile every kernel for sm_90 without a GPU; print registers, spills and shared memory."""
+    """Compile the kernels for sm_90 without a GPU, with the configurations the host code picks for
+    Llama-3.1-8B's and Qwen2.5-0.5B's shapes: registers, spills (stack), shared memory and, for the
+    scoring passes, the hot loop's SASS instructions per tile element and thread."""
     import tempfile
 
     import triton
@@ -667,55 +699,63 @@ def resources():
 
     from vllm_defensive.triton_kernels import _compact, _scoring, _value_norm
 
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     one = {"sqd", "skd", "svd", "sd", "swi"}  # unit strides: Triton specialises them
     div16 = {"sqh", "sqw", "skb", "skt", "skh", "svb", "svt", "svh", "sb", "st", "sh", "swo", "RP", "HEAD_D",
              "idx_sl", "idx_sh"}
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
 
-    def comp(fn, types, consts, warps, stages):
+    def comp(fn, types, consts, opts, elems=None, label=""):
         consts = dict(consts, **{n: 1 for n in fn.arg_names if n in one})
         sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+        sig.update({n: "fp32" for n in ("scale_log2", "inv_rows") if n in sig})
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                  if n not in consts and (sig[n].startswith("*") or n in div16)}
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
             f.flush()
-            res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                                 text=True).stdout
+            sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name], capture_output=True,
+                                  text=True).stdout
         res = " ".join(part for line in res.splitlines() if "REG" in line for part in line.split()
-                       if part.split(":")[0] in ("REG", "STACK", "SHARED", "LOCAL"))
-        shown = {k_: str(v).replace("triton.language.", "") for k_, v in consts.items()
-                 if k_ in ("BR", "BN", "BD", "ROUND", "CDT", "BTK", "BO", "INPLACE", "SINGLE_RB")}
-        print(f"{fn.__name__:20s} {shown} warps={warps} stages={stages} smem={k.metadata.shared} {res}", flush=True)
+                       if part.split(":")[0] in ("REG", "STACK"))
+        hot = ""
+        if elems:
+            loop = max(_sass_loops(sass), default=(0, 0))
+            hot = f" hot loop {loop[1]} instr = {loop[1] / elems:.1f} per element"
+        print(f"{fn.__name__:20s} {label:34s} warps={opts['num_warps']} maxnreg={opts.get('maxnreg')} "
+              f"smem={k.metadata.shared} {res}{hot}", flush=True)
 
-    for d, br in ((128, 128), (64, 32)):
+    for name, shp in SHAPES.items():
+        d, g = shp["d"], shp["hq"] // shp["hkv"]
         c = _scoring._cfg(d)
-        t1 = {"Q": "*bf16", "K": "*bf16", "BT": "*i32", "PART": "*fp32", "scale_log2": "fp32"}
-        comp(_scoring._window_pass1, t1, dict(HALF=2, KPOOL=5, BR=br, BN=c["p1_bn"], BD=d, CDT=tl.bfloat16,
-                                              DOT_PREC="tf32", INTERP=False),
-             c["p1_warps"] if br >= 128 else 4, c["p1_stages"])
-        t2 = {"Q": "*bf16", "K": "*bf16", "BT": "*i32", "ROW": "*fp32", "DMAX": "*fp32", "SNAP": "*fp32",
-              "UNP": "*fp32", "SUMS": "*fp32", "PACKED": "*i32", "scale_log2": "fp32", "inv_rows": "fp32"}
+        br = _scoring._row_block(g * WINDOW, c)
+        rp = -(-g * WINDOW // br) * br
+        ptrs = {"Q": "*bf16", "KPTRS": "*i64", "BT": "*i32"}
+        common = dict(HALF=2, KPOOL=5, BR=br, BD=d, CDT=tl.bfloat16, KDT=tl.bfloat16, ALIGNED=True, DOT_PREC="tf32",
+                      INTERP=False, BS_POW2=True, OFF32=True)
+        w1 = _scoring._warps(br, c["p1_warps"]) if br >= 128 else 4
+        comp(_scoring._window_pass1, dict(ptrs, PART="*fp32"), dict(common, BN=c["p1_bn"]),
+             dict(num_warps=w1, num_stages=c["p1_stages"], **_scoring._maxnreg(c["p1_maxnreg"])),
+             br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}")
+        w2 = _scoring._warps(br, c["p2_warps"])
+        t2 = dict(ptrs, ROW="*fp32", DMAX="*fp32", SNAP="*fp32", UNP="*fp32", PSUMS="*fp32", PACKED="*i32")
         for rnd in (1, 0):
-            for single in ((True,) if br >= 128 else (False,)):
-                comp(_scoring._window_pass2, t2, dict(HALF=2, KPOOL=5, BR=br, BN=c["p2_bn"], BD=d, ROUND=rnd,
-                                                      EXACT=rnd > 0, SINGLE_RB=single, RBITS=8, CDT=tl.bfloat16,
-                                                      DOT_PREC="tf32", INTERP=False),
-                     c["p2_warps"], c["p2_stages"])
-        comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32", "SUMS": "*fp32"},
-             dict(BR=br, BS=64, EXACT=True), 4, 1)
-        comp(_scoring._window_fixup, {"DMAX": "*fp32", "PACKED": "*i32", "ROW": "*fp32", "SUMS": "*fp32",
-                                      "BIAS": "*fp32", "bias_src_off": "*fp32"},
-             dict(BN=256, BRB=128, RBITS=8, ROUND=1, DO_FIX=True, INTERP=False), 4, 1)
+            comp(_scoring._window_pass2, t2, dict(common, BN=c["p2_bn"], ROUND=rnd, EXACT=rnd > 0,
+                                                  SINGLE_RB=rp == br, RBITS=max(1, (rp - 1).bit_length())),
+                 dict(num_warps=w2, num_stages=c["p2_stages"], **_scoring._maxnreg(c["p2_maxnreg"])),
+                 br * c["p2_bn"] / (32 * w2), f"{name} BR={br} BN={c['p2_bn']} probs {'bf16' if rnd else 'fp32'}")
         v = _value_norm.CONFIG
-        comp(_value_norm._value_norm_kernel, {"V": "*bf16", "BT": "*i32", "WO": "*bf16", "OUT": "*fp32"},
-             dict(BTK=v["bt"], BO=v["bo"], BD=d, CDT=tl.bfloat16, DOT_PREC="tf32", INTERP=False), v["warps"],
-             v["stages"])
-        for inplace in (True, False):
-            comp(_compact._compact_kernel, {"PTRS": "*i64", "IDX": "*i64", "SRC_BT": "*i32", "DST_BT": "*i32"},
-                 dict(ELEM=tl.int16, BTK=_compact.CONFIG["bt_inplace" if inplace else "bt"], BD=d, INPLACE=inplace,
-                      ALIGNED=True), _compact.CONFIG["warps"], 1)
+        comp(_value_norm._value_norm_kernel, {"VPTRS": "*i64", "BT": "*i32", "WPTRS": "*i64", "OUT": "*fp32"},
+             dict(BTK=v["bt"], BO=v["bo"], BD=d, CDT=tl.bfloat16, VDT=tl.bfloat16, WDT=tl.bfloat16, ALIGNED=True,
+                  DOT_PREC="tf32", INTERP=False), dict(num_warps=v["warps"], num_stages=v["stages"]), label=name)
+    for inplace in (True, False):
+        comp(_compact._compact_kernel, {"PTRS": "*i64", "IDX": "*i64", "SRC_BT": "*i32", "DST_BT": "*i32"},
+             dict(ELEM=tl.int16, BTK=_compact.CONFIG["bt_inplace" if inplace else "bt"], BD=128, INPLACE=inplace,
+                  ALIGNED=True), dict(num_warps=_compact.CONFIG["warps_inplace" if inplace else "warps"]),
+             label="in place" if inplace else "into fresh pages")
 
 
 def main():

@@ -105,6 +105,25 @@ def test_window_stats_random_shapes(kdev, hq, hkv, d, bs, n, w, dtype, probs_dty
 
 
 @pytest.mark.interp
+@pytest.mark.parametrize("bs,force_off64", [(24, False), (16, True), (48, True)])
+def test_block_addressing_paths(kdev, monkeypatch, bs, force_off64):
+    """Power-of-two block sizes divide by shifts and most caches address in int32; the other
+    paths (a block size like 24, a cache past 2^31 elements, which no test can allocate) are
+    forced here and must give the same statistics."""
+    from vllm_defensive.triton_kernels import _scoring
+
+    real = _scoring._addressing
+
+    def addressing(cache):
+        size, pow2, off32 = real(cache)
+        assert pow2 == (bs & (bs - 1) == 0)
+        return size, pow2, off32 and not force_off64
+
+    monkeypatch.setattr(_scoring, "_addressing", addressing)
+    run_case(kdev, 6, 2, 64, bs, 170, 8, BF16, BF16, 5, "HND", None, False, seed=bs)
+
+
+@pytest.mark.interp
 def test_dense_api_and_bias_tensor(kdev):
     gen = torch.Generator().manual_seed(7)
     q, k = attention_inputs(6, 2, 8, 90, 64, BF16, kdev, gen)

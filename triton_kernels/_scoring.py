@@ -63,6 +63,7 @@ from vllm_defensive.policy.scoring import WindowStats
 EPS = 1e-12
 MAX_ROWS = 512  # group size x window per KV head: the row index travels in 9 low bits of the max
 LOG2E = 1.4426950408889634
+MIN_TILES = 8  # pass-2 tiles per program, at least (see window_stats_layers)
 
 # Tunables (the benchmark sweeps some; tests override split_len to exercise the split merge).
 CONFIG = {
@@ -686,6 +687,10 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     n_tiles = triton.cdiv(p, bn2 - 2 * half)
     rbits = max(1, (rp - 1).bit_length())  # row index of the max, padded rows included
     progs = max(1, cfg["p2_programs_per_sm"] * sms // pairs) if dev.type == "cuda" else 2
+    if dev.type == "cuda":  # (the interpreter keeps 2: the tests exercise the partials' merge)
+        # at least MIN_TILES tiles a program: one layer on few KV heads would otherwise get
+        # hundreds of programs per pair, whose exact-sum partials `_window_sums` adds one by one
+        progs = max(1, min(progs, n_tiles // MIN_TILES))
     if cfg["p2_progs"]:
         progs = int(cfg["p2_progs"])
     tiles_per_prog = triton.cdiv(n_tiles, min(progs, n_tiles))

@@ -19,12 +19,17 @@ def tolerances(probs_dtype, fix_bias=False):
         return 1e-4, 1e-4, 1e-5
     # Rounded probabilities: every element is rounded like the reference (to nearest even) and
     # the row sums m, S and the official bias are sums of the rounded values, so almost every
-    # score agrees to fp32 summation order. A probability computed a hair differently can still
-    # land on the other side of a rounding boundary: one ulp of probs_dtype on that token, i.e.
-    # up to 2^-7 (bf16) or 2^-10 (fp16) relative just above a power of two.
+    # score agrees to fp32 summation order. A probability computed a hair differently (exp2 vs
+    # torch's exp, another summation order of the row sum) can still land on the other side of a
+    # rounding boundary, and so can its pooled value, which is rounded again: up to one ulp of
+    # probs_dtype from each of the two roundings, i.e. 2 x 2^-7 (bf16) or 2 x 2^-10 (fp16) relative
+    # just above a power of two. (At 128K keys on the H200 two tokens of a million exceeded one ulp,
+    # by 6%.) The means average many rows, but where one row carries a token's mass, that row's
+    # flip moves the mean by up to one ulp too (the same run: 1.5e-3 on one token). The strict
+    # checks are the ones below: nearly every token to 1e-4, and the keep sets.
     # The fixed ("window") bias is computed from unrounded probabilities (documented).
     ulp = 2.0 ** -7 if probs_dtype == BF16 else 2.0 ** -10
-    return 1.01 * ulp, 1e-3, (4e-3 if fix_bias else 1e-5)
+    return 2.01 * ulp, max(1e-3, 1.01 * ulp), (4e-3 if fix_bias else 1e-5)
 
 
 def check_stats(got, ref, probs_dtype, fix_bias=False, keep_frac=0.2):

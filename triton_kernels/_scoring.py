@@ -716,7 +716,8 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2,
         HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned,
         DOT_PREC=dot_prec, INTERP=interp, BS_POW2=bs_pow2, OFF32=off32,
-        num_warps=_warps(br, cfg["p1_warps"]) if br >= 128 else 4, num_stages=cfg["p1_stages"], **_maxnreg(cfg["p1_maxnreg"]),
+        num_warps=_warps(br, cfg["p1_warps"]) if br >= 128 else 4, num_stages=cfg["p1_stages"],
+        **_maxnreg(cfg["p1_maxnreg"]),
     )
     # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range)
     _window_combine[(nrb, pairs)](part, rowstats, rows, rp, nsplit, BR=br, BS=max(2, 2048 // br), num_warps=4)

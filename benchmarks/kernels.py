@@ -507,30 +507,30 @@ def bench_compaction(name, shp, n, ceil, keep=0.2):
     return out
 
 
-# (the first sweep, on the previous pass-2 design, is kept in results/kernels/sweep_run2.json)
-SWEEP_P1 = [{"p1_warps": 4}, {"p1_bn": 128}, {"p1_stages": 4}, {"p1_programs_per_sm": 8}]
-SWEEP_P2 = [{"p2_warps": 8}, {"p2_bn": 32}, {"p2_stages": 3}, {"p2_programs_per_sm": 1}, {"p2_programs_per_sm": 3},
-            {"p2_programs_per_sm": 4}]
-# Qwen's 7 x 32 = 224 window rows per KV head: 4 blocks of 64 (the default), 2 of 128, or one of 256
-# (the queries and row statistics then stay in registers across the tiles)
-SWEEP_BR = {"qwen05b": [{"br": 64}, {"br": 128}, {"br": 256}, {"br": 128, "p2_warps": 8}, {"br": 256, "p2_warps": 8}],
-            "llama8b": []}
+# One change at a time around the tuned per-head-dim defaults (_scoring.CONFIG_BY_HEAD_DIM). Earlier
+# sweeps, on earlier designs: results/kernels/sweep_run2.json (H100), h200_2026-12-01/kernels.json.
+SWEEP_P1 = [{"p1_interior": 1}, {"p1_bn": 128}, {"p1_stages": 4}, {"p1_maxnreg": 0}]
+SWEEP_P2 = [{"p2_bn": 64}, {"p2_stages": 3}, {"p2_maxnreg": 0}, {"p2_programs_per_sm": 4},
+            {"p2_programs_per_sm": 8}]
+SWEEP_BR = {"qwen05b": [{"br": 64}, {"br": 128}], "llama8b": []}
 
 
 def sweep(ceil, n=32768, shapes=None):
-    """Scoring configurations at 32K per shape, device time (CUDA graphs); the best single pass-1
-    and pass-2 changes are then combined. Returns (records, best override per shape)."""
+    """Scoring configurations at 32K per shape: every layer of a request in one set of launches
+    (the worker's path), device time (CUDA graphs), each a change of the tuned defaults; the best
+    pass-1 and pass-2 changes are then combined. Returns (records, best override per shape)."""
     from vllm_defensive.triton_kernels import _scoring
 
     res, best = [], {}
     for name in shapes or SHAPES:
         shp = SHAPES[name]
         d = shp["d"]
+        tuned = dict(_scoring.CONFIG_BY_HEAD_DIM.get(d, {}))
 
         def run(var):
-            _scoring.CONFIG_BY_HEAD_DIM[d] = dict(var)
+            _scoring.CONFIG_BY_HEAD_DIM[d] = {**tuned, **var}
             try:
-                t = bench_scoring_kernel_only(name, shp, n)
+                t = bench_scoring_layers_graph(shp, n)
                 res.append({"shape": name, "tokens": n, "config": dict(var), "graph_ms": t})
             except Exception as e:  # a config can fail to compile (shared memory)
                 t = float("inf")
@@ -548,9 +548,33 @@ def sweep(ceil, n=32768, shapes=None):
             cands.append((run(comb), comb))
         t_best, v_best = min(cands, key=lambda x: x[0])
         best[name] = v_best
-        _scoring.CONFIG_BY_HEAD_DIM[d] = dict(v_best)
+        _scoring.CONFIG_BY_HEAD_DIM[d] = {**tuned, **v_best}
         print("sweep best", name, v_best, t_best, flush=True)
     return res, best
+
+
+def bench_scoring_layers_graph(shp, n):
+    """Device time (CUDA graph) of every layer's window statistics in one set of launches."""
+    import vllm_defensive.triton_kernels as tk
+
+    hq, hkv, d, layers = shp["hq"], shp["hkv"], shp["d"], shp["layers"]
+    nblk = -(-n // BLOCK)
+    g = torch.Generator(device=DEV).manual_seed(n + 7)
+    caches = [torch.randn(nblk + 8, 2, BLOCK, hkv, d, device=DEV, dtype=torch.bfloat16, generator=g)
+              for _ in range(layers)]
+    keys = [c[:, 0] for c in caches]
+    table = torch.randperm(nblk + 8, device=DEV, generator=g)[:nblk].to(torch.int32)
+    q = torch.randn(layers, hq, WINDOW, d, device=DEV, dtype=torch.bfloat16, generator=g)
+    def f(i=0):
+        return tk.paged_window_stats_layers(q, keys, table, n, probs_dtype=torch.bfloat16)
+
+    t = graph_ms(f)
+    if t is None:  # the CPU dry run
+        t, _, _ = bench(f, budget_s=0.2)
+    del caches, keys, q
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return t
 
 
 def sweep_compaction(n=32768):
@@ -594,27 +618,6 @@ def compaction_graph_ms(shp, n, inplace, keep=0.2):
     del kvs, kc, vc
     torch.cuda.empty_cache()
     return t if t is not None else float("inf")
-
-
-def bench_scoring_kernel_only(name, shp, n):
-    import vllm_defensive.triton_kernels as tk
-
-    hq, hkv, d = shp["hq"], shp["hkv"], shp["d"]
-    copies = n_copies(n * hkv * d * 2)
-    caches = paged_kv(n, hkv, d, copies, gen_seed=n)
-    qs = [torch.randn(hq, WINDOW, d, device=DEV, dtype=torch.bfloat16) for _ in range(copies)]
-
-    def kern(i):
-        kv, table = caches[i]
-        return tk.paged_window_stats(qs[i], kv[:, 0], table, n, probs_dtype=torch.bfloat16,
-                                     window_bias_as_tensor=True)
-
-    t = graph_ms(kern, copies)
-    if t is None:
-        t, _, _ = bench(kern, rotate=copies, budget_s=0.5)
-    del caches, qs
-    torch.cuda.empty_cache()
-    return t
 
 
 # --- plot -----------------------------------------------------------------------------------------------
@@ -723,7 +726,7 @@ def resources():
                        if part.split(":")[0] in ("REG", "STACK"))
         hot = ""
         if elems:
-            loop = max(_sass_loops(sass), default=(0, 0))
+            loop = max(_sass_loops(sass), key=lambda x: x[1], default=(0, 0))  # the busiest loop
             hot = f" hot loop {loop[1]} instr = {loop[1] / elems:.1f} per element"
         print(f"{fn.__name__:20s} {label:34s} warps={opts['num_warps']} maxnreg={opts.get('maxnreg')} "
               f"smem={k.metadata.shared} {res}{hot}", flush=True)
@@ -737,9 +740,10 @@ def resources():
         common = dict(HALF=2, KPOOL=5, BR=br, BD=d, CDT=tl.bfloat16, KDT=tl.bfloat16, ALIGNED=True, DOT_PREC="tf32",
                       INTERP=False, BS_POW2=True, OFF32=True)
         w1 = _scoring._warps(br, c["p1_warps"]) if br >= 128 else 4
-        comp(_scoring._window_pass1, dict(ptrs, PART="*fp32"), dict(common, BN=c["p1_bn"]),
-             dict(num_warps=w1, num_stages=c["p1_stages"], **_scoring._maxnreg(c["p1_maxnreg"])),
-             br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}")
+        for interior in (False, True):  # p1_interior: pass 1's interior tiles in their own loop
+            comp(_scoring._window_pass1, dict(ptrs, PART="*fp32"), dict(common, BN=c["p1_bn"], INTERIOR=interior),
+                 dict(num_warps=w1, num_stages=c["p1_stages"], **_scoring._maxnreg(c["p1_maxnreg"])),
+                 br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}{' interior' if interior else ''}")
         w2 = _scoring._warps(br, c["p2_warps"])
         t2 = dict(ptrs, ROW="*fp32", DMAX="*fp32", SNAP="*fp32", UNP="*fp32", PSUMS="*fp32", PACKED="*i32")
         for rnd in (1, 0):

@@ -346,6 +346,19 @@ def bench_scoring(name, shp, n, ceil, probs_dtype=torch.bfloat16):
     }
 
 
+def layered_inputs(shp, n):
+    """One request's window queries [layers, Hq, W, d], every layer's FlashAttention cache (its K
+    views) and one shuffled block table, as the worker sees them."""
+    hq, hkv, d, layers = shp["hq"], shp["hkv"], shp["d"], shp["layers"]
+    nblk = -(-n // BLOCK)
+    g = torch.Generator(device=DEV).manual_seed(n + 7)
+    caches = [torch.randn(nblk + 8, 2, BLOCK, hkv, d, device=DEV, dtype=torch.bfloat16, generator=g)
+              for _ in range(layers)]
+    table = torch.randperm(nblk + 8, device=DEV, generator=g)[:nblk].to(torch.int32)
+    q = torch.randn(layers, hq, WINDOW, d, device=DEV, dtype=torch.bfloat16, generator=g)
+    return q, [c[:, 0] for c in caches], table
+
+
 def bench_scoring_layers(name, shp, n, ceil, probs_dtype=torch.bfloat16):
     """What the plugin runs per request: every layer's window statistics in one set of launches
     (`paged_window_stats_layers`, one cache tensor per layer, one block table), against the same
@@ -353,13 +366,7 @@ def bench_scoring_layers(name, shp, n, ceil, probs_dtype=torch.bfloat16):
     import vllm_defensive.triton_kernels as tk
 
     hq, hkv, d, layers = shp["hq"], shp["hkv"], shp["d"], shp["layers"]
-    nblk = -(-n // BLOCK)
-    g = torch.Generator(device=DEV).manual_seed(n + 7)
-    caches = [torch.randn(nblk + 8, 2, BLOCK, hkv, d, device=DEV, dtype=torch.bfloat16, generator=g)
-              for _ in range(layers)]
-    keys = [c[:, 0] for c in caches]
-    table = torch.randperm(nblk + 8, device=DEV, generator=g)[:nblk].to(torch.int32)
-    q = torch.randn(layers, hq, WINDOW, d, device=DEV, dtype=torch.bfloat16, generator=g)
+    q, keys, table = layered_inputs(shp, n)
 
     def layered(i=0):
         return tk.paged_window_stats_layers(q, keys, table, n, probs_dtype=probs_dtype)
@@ -382,7 +389,7 @@ def bench_scoring_layers(name, shp, n, ceil, probs_dtype=torch.bfloat16):
     t_tc = 2 * (2 * rows * n * d) / ceil["bf16_mm_flops"]
     t_sfu = (rows * n + rows * p) / ceil["sfu_exp_per_s"]
     roof = max(t_mem, t_tc, t_sfu) * 1e3 * layers
-    del caches, keys, q
+    del keys, q
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return {"shape": name, "tokens": n, "layers": layers, "kernel_ms": t_k, "kernel_ms_per_layer": t_k / layers,
@@ -557,21 +564,14 @@ def bench_scoring_layers_graph(shp, n):
     """Device time (CUDA graph) of every layer's window statistics in one set of launches."""
     import vllm_defensive.triton_kernels as tk
 
-    hq, hkv, d, layers = shp["hq"], shp["hkv"], shp["d"], shp["layers"]
-    nblk = -(-n // BLOCK)
-    g = torch.Generator(device=DEV).manual_seed(n + 7)
-    caches = [torch.randn(nblk + 8, 2, BLOCK, hkv, d, device=DEV, dtype=torch.bfloat16, generator=g)
-              for _ in range(layers)]
-    keys = [c[:, 0] for c in caches]
-    table = torch.randperm(nblk + 8, device=DEV, generator=g)[:nblk].to(torch.int32)
-    q = torch.randn(layers, hq, WINDOW, d, device=DEV, dtype=torch.bfloat16, generator=g)
+    q, keys, table = layered_inputs(shp, n)
     def f(i=0):
         return tk.paged_window_stats_layers(q, keys, table, n, probs_dtype=torch.bfloat16)
 
     t = graph_ms(f)
     if t is None:  # the CPU dry run
         t, _, _ = bench(f, budget_s=0.2)
-    del caches, keys, q
+    del keys, q
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return t

@@ -23,7 +23,7 @@ def tolerances(probs_dtype, fix_bias=False):
     # torch's exp, another summation order of the row sum) can still land on the other side of a
     # rounding boundary, and so can its pooled value, which is rounded again: up to one ulp of
     # probs_dtype from each of the two roundings, i.e. 2 x 2^-7 (bf16) or 2 x 2^-10 (fp16) relative
-    # just above a power of two. (At 128K keys on the H200 two tokens of a million exceeded one ulp,
+    # just above a power of two. (At 128K keys on the H200 1-2 tokens of a million exceeded one ulp,
     # by 6%.) The means average many rows, but where one row carries a token's mass, that row's
     # flip moves the mean by up to one ulp too (the same run: 1.5e-3 on one token). The strict
     # checks are the ones below: nearly every token to 1e-4, and the keep sets.

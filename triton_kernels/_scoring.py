@@ -239,35 +239,48 @@ _PASS2_LENGTHS = ["P", "num_row_blocks", "tiles_per_prog", "num_progs", "bias_lo
 def _p1_tile(q, K, BT, start, k_hi, P, lim, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
              scale_log2, bias_lo, bias_hi, m, l_all, l_pre, s_def, l_b,
              HALF: tl.constexpr, KPOOL: tl.constexpr, BN: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
-             INTERP: tl.constexpr, BS_POW2: tl.constexpr, OFF32: tl.constexpr):
-    """One pass-1 key tile, any position: the online-softmax update of one block of rows."""
+             INTERP: tl.constexpr, BS_POW2: tl.constexpr, OFF32: tl.constexpr, EDGES: tl.constexpr):
+    """One pass-1 key tile: the online-softmax update of one block of rows. EDGES=False: a tile the
+    caller knows to be interior (every key real and below P - HALF, no bias column), compiled
+    without the masks and edge code."""
     t = start + tl.arange(0, BN)
-    tmask = t < k_hi
+    if EDGES:
+        tmask = t < k_hi
+    else:
+        tmask = tl.full([BN], 1, tl.int1)
     k = _load_key_tile(K, BT, t, tmask, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
                        BS_POW2, OFF32).to(CDT)
     s = _dot(q, tl.trans(k), DOT_PREC, INTERP)  # unscaled: the scale rides in the exp2's FMA
-    if start + BN > tl.minimum(P, k_hi):  # causal mask / ragged end: only the last tiles
-        s = tl.where(tmask[None, :] & (t[None, :] <= lim[:, None]), s, float("-inf"))
+    if EDGES:
+        if start + BN > tl.minimum(P, k_hi):  # causal mask / ragged end: only the last tiles
+            s = tl.where(tmask[None, :] & (t[None, :] <= lim[:, None]), s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1) * scale_log2)  # rounding is monotone: = max of s * scale
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if EDGES:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new  # finite: every key is real
     alpha = tl.exp2(m - m_safe)
     p = tl.exp2(s * scale_log2 - m_safe[:, None])
     tile_sum = tl.sum(p, 1)
     l_all = l_all * alpha + tile_sum
-    if start + BN <= P:
-        pre_sum = tile_sum
+    if EDGES:
+        if start + BN <= P:
+            pre_sum = tile_sum
+        else:
+            pre_sum = tl.sum(tl.where((t < P)[None, :], p, 0.0), 1)
     else:
-        pre_sum = tl.sum(tl.where((t < P)[None, :], p, 0.0), 1)
+        pre_sum = tile_sum
     l_pre = l_pre * alpha + pre_sum
     s_def = s_def * alpha
     l_b = l_b * alpha
-    if HALF > 0:
-        if (start < HALF) | (start + BN > P - HALF):  # pooling edges
-            cnt = tl.minimum(t + HALF, P - 1) - tl.maximum(t - HALF, 0) + 1
-            deficit = tl.where(t < P, 1.0 - cnt.to(tl.float32) / KPOOL, 0.0)
-            s_def += tl.sum(p * deficit[None, :], 1)
-    if (start < bias_hi) & (start + BN > bias_lo):
-        l_b += tl.sum(tl.where(((t >= bias_lo) & (t < bias_hi))[None, :], p, 0.0), 1)
+    if EDGES:
+        if HALF > 0:
+            if (start < HALF) | (start + BN > P - HALF):  # pooling edges
+                cnt = tl.minimum(t + HALF, P - 1) - tl.maximum(t - HALF, 0) + 1
+                deficit = tl.where(t < P, 1.0 - cnt.to(tl.float32) / KPOOL, 0.0)
+                s_def += tl.sum(p * deficit[None, :], 1)
+        if (start < bias_hi) & (start + BN > bias_lo):
+            l_b += tl.sum(tl.where(((t >= bias_lo) & (t < bias_hi))[None, :], p, 0.0), 1)
     return m_new, l_all, l_pre, s_def, l_b
 
 
@@ -304,38 +317,30 @@ def _window_pass1(
     k_hi = tl.minimum(k_lo + split_len, L)
     if INTERIOR:
         # Tiles with no mask, no causal edge, no pooling edge and no bias column first, in a loop of
-        # their own without any of that code (offline sm_90 SASS: 29% fewer hot-loop instructions);
-        # then the general loop over the rest. Summation order differs from the single loop.
+        # their own compiled without that code (offline sm_90 SASS: 29% fewer hot-loop
+        # instructions); then the general loop over the rest. Summation order differs.
         first = k_lo
         if first < HALF:
             first = k_lo + BN
         last_end = tl.minimum(tl.minimum(k_hi, P - HALF), bias_lo)
         int_end = first + tl.maximum(0, (last_end - first) // BN) * BN
-        everything = tl.full([BN], 1, tl.int1)
         for start in range(first, int_end, BN):
-            k = _load_key_tile(K, BT, start + tl.arange(0, BN), everything, h, dd, dmask, skb, skt, skh, skd,
-                               block_size, bs_shift, BS_POW2, OFF32).to(CDT)
-            s = _dot(q, tl.trans(k), DOT_PREC, INTERP)
-            m_new = tl.maximum(m, tl.max(s, 1) * scale_log2)  # finite: every key is real
-            alpha = tl.exp2(m - m_new)
-            tile_sum = tl.sum(tl.exp2(s * scale_log2 - m_new[:, None]), 1)
-            l_all = l_all * alpha + tile_sum
-            l_pre = l_pre * alpha + tile_sum
-            s_def = s_def * alpha
-            l_b = l_b * alpha
-            m = m_new
+            m, l_all, l_pre, s_def, l_b = _p1_tile(
+                q, K, BT, start, k_hi, P, lim, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
+                scale_log2, bias_lo, bias_hi, m, l_all, l_pre, s_def, l_b,
+                HALF, KPOOL, BN, CDT, DOT_PREC, INTERP, BS_POW2, OFF32, False)
         for start in range(k_lo, k_hi, BN):
             if (start < first) | (start >= int_end):
                 m, l_all, l_pre, s_def, l_b = _p1_tile(
                     q, K, BT, start, k_hi, P, lim, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
                     scale_log2, bias_lo, bias_hi, m, l_all, l_pre, s_def, l_b,
-                    HALF, KPOOL, BN, CDT, DOT_PREC, INTERP, BS_POW2, OFF32)
+                    HALF, KPOOL, BN, CDT, DOT_PREC, INTERP, BS_POW2, OFF32, True)
     else:
         for start in range(k_lo, k_hi, BN):
             m, l_all, l_pre, s_def, l_b = _p1_tile(
                 q, K, BT, start, k_hi, P, lim, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
                 scale_log2, bias_lo, bias_hi, m, l_all, l_pre, s_def, l_b,
-                HALF, KPOOL, BN, CDT, DOT_PREC, INTERP, BS_POW2, OFF32)
+                HALF, KPOOL, BN, CDT, DOT_PREC, INTERP, BS_POW2, OFF32, True)
 
     base = PART + ((hg * num_splits + sp) * 5) * RP
     tl.store(base + r, m, mask=rmask)

@@ -21,10 +21,10 @@ pass 2   grid (programs, Hkv), each program walking a contiguous run of prefix t
          separate halo. Per tile: the probabilities of every window row of the KV head's group;
          pooling along the key axis as a product with a banded 0/1 matrix on the tensor cores;
          rescaling each row by c; reductions over rows: max (defensive) and mean of the unpooled
-         rows (stage 1); SnapKV's pooled mean is the pooled unpooled-mean (pooling is linear).
-         One read of the keys (plus the 2*(pool_kernel//2)/BN overlap).
-fixup    rescales the defensive max with the exact rounded-row sums (below) and writes the window
-         bias (mean over rows), so no host-side reduction or sync is needed.
+         rows (stage 1). One read of the keys (plus the 2*(pool_kernel//2)/BN overlap).
+fixup    rescales the defensive max with the exact rounded-row sums (below), pools the unpooled
+         mean into SnapKV's pooled mean (pooling is linear; in pass 2 it cost 4% of the hot loop)
+         and writes the window bias (mean over rows), so no host-side reduction or sync is needed.
 
 Mass-preserving pooling in closed form: with zero padding and count_include_pad, the pooled row
 sums to S = sum_t a_t * cnt(t) / K where cnt(t) = #{outputs j in [0, P) whose window covers t}
@@ -79,9 +79,6 @@ CONFIG = {
     "p1_maxnreg": 0,  # register cap per thread (0: the compiler's choice)
     "p2_maxnreg": 0,
     "p2_progs": 0,  # pass-2 programs per (layer, KV head) pair (0: from p2_programs_per_sm)
-    # pass 1's interior tiles in a loop of their own: 29% fewer hot-loop instructions offline,
-    # not yet timed on a GPU (benchmarks/results/kernels/h200_2026-12-01b/README.md), so off
-    "p1_interior": 0,
 }
 # Per head-dim overrides of CONFIG: the best of the H200 runs on the layered path at 32K
 # (benchmarks/results/kernels/h200_2026-12-01b/). Both passes are latency-bound at two resident
@@ -133,16 +130,21 @@ def _layer_keys(KPTRS, hg, HKV, KDT: tl.constexpr, ALIGNED: tl.constexpr):
     return K, hg % HKV
 
 
-@triton.jit
-def _pack16(x, ROUND: tl.constexpr):
-    """fp32 -> bf16 (ROUND 1) / fp16 (2), round-to-nearest-even, two elements per instruction
-    (cvt.rn.*x2.f32; a plain .to() converts one element per instruction, then packs the pairs)."""
-    if ROUND == 1:
-        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16,
-                                         is_pure=True, pack=2)
-    else:
-        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.float16,
-                                         is_pure=True, pack=2)
+# fp32 pairs -> probs_dtype, round-to-nearest-even, in one packed cvt (a plain .to() converts one
+# element per instruction); the fp32 values come straight from the packed register (bf16: the
+# halves shifted into place), so the 16-bit pairs never leave it (extracting them and packing
+# them again for the dot cost three instructions a pair).
+# (as constexpr: the jit functions read module globals only in that form)
+# $0, $1: the rounded fp32 values; $2, $3: the inputs
+_ROUND_BF16 = tl.constexpr(
+    "{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $3, $2; shl.b32 $0, t, 16; and.b32 $1, t, 0xffff0000; }")
+_ROUND_F16 = tl.constexpr(
+    "{ .reg .b16 l, h; .reg .b32 t; cvt.rn.f16x2.f32 t, $3, $2; mov.b32 {l, h}, t; cvt.f32.f16 $0, l; "
+    "cvt.f32.f16 $1, h; }")
+# $0: the packed 16-bit pair; $1, $2: their fp32 values; $3, $4: the inputs
+_ROUND16_BF16 = tl.constexpr("cvt.rn.bf16x2.f32 $0, $4, $3; shl.b32 $1, $0, 16; and.b32 $2, $0, 0xffff0000;")
+_ROUND16_F16 = tl.constexpr(
+    "{ .reg .b16 l, h; cvt.rn.f16x2.f32 $0, $4, $3; mov.b32 {l, h}, $0; cvt.f32.f16 $1, l; cvt.f32.f16 $2, h; }")
 
 
 @triton.jit
@@ -155,12 +157,12 @@ def _round(x, ROUND: tl.constexpr, INTERP: tl.constexpr):
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
             x = bits.to(tl.float32, bitcast=True)
         else:
-            x = _pack16(x, ROUND).to(tl.float32)
+            x = tl.inline_asm_elementwise(_ROUND_BF16, "=r,=r,r,r", [x], dtype=tl.float32, is_pure=True, pack=2)
     elif ROUND == 2:
         if INTERP:
             x = x.to(tl.float16).to(tl.float32)
         else:
-            x = _pack16(x, ROUND).to(tl.float32)
+            x = tl.inline_asm_elementwise(_ROUND_F16, "=r,=r,r,r", [x], dtype=tl.float32, is_pure=True, pack=2)
     return x
 
 
@@ -178,20 +180,20 @@ def _dot(a, b, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
 def _round16(x, ROUND: tl.constexpr, INTERP: tl.constexpr):
     """x rounded to probs_dtype: (the 16-bit tensor, its fp32 value); fp32 probabilities: (x, x).
 
-    One conversion serves both the band dot's operand and the fp32 sums (converting the rounded
-    fp32 value again for the dot cost a second conversion per element)."""
+    One conversion serves both the band dot's operand and the fp32 sums."""
     if ROUND == 0:
         return x, x
     else:
         if INTERP:
             xr = _round(x, ROUND, INTERP)
-            if ROUND == 1:
-                return xr.to(tl.bfloat16), xr  # exact: xr is on bf16's grid already
-            else:
-                return xr.to(tl.float16), xr
+            return xr.to(tl.bfloat16 if ROUND == 1 else tl.float16), xr  # exact: xr is on the grid
         else:
-            x16 = _pack16(x, ROUND)
-            return x16, x16.to(tl.float32)
+            if ROUND == 1:
+                return tl.inline_asm_elementwise(_ROUND16_BF16, "=r,=r,=r,r,r", [x], dtype=(tl.bfloat16, tl.float32),
+                                                 is_pure=True, pack=2)
+            else:
+                return tl.inline_asm_elementwise(_ROUND16_F16, "=r,=r,=r,r,r", [x], dtype=(tl.float16, tl.float32),
+                                                 is_pure=True, pack=2)
 
 
 @triton.jit
@@ -291,7 +293,7 @@ def _window_pass1(
     L, P, W, G, R, RP, HEAD_D, bias_lo, bias_hi, split_len, num_splits, scale_log2,
     HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     CDT: tl.constexpr, KDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-    BS_POW2: tl.constexpr, OFF32: tl.constexpr, INTERIOR: tl.constexpr,
+    BS_POW2: tl.constexpr, OFF32: tl.constexpr,
 ):
     rb = tl.program_id(0)
     sp = tl.program_id(1)
@@ -315,28 +317,21 @@ def _window_pass1(
     l_b = tl.zeros([BR], tl.float32)  # window-bias columns
     k_lo = sp * split_len
     k_hi = tl.minimum(k_lo + split_len, L)
-    if INTERIOR:
-        # Tiles with no mask, no causal edge, no pooling edge and no bias column first, in a loop of
-        # their own compiled without that code (offline sm_90 SASS: 29% fewer hot-loop
-        # instructions); then the general loop over the rest. Summation order differs.
-        first = k_lo
-        if first < HALF:
-            first = k_lo + BN
-        last_end = tl.minimum(tl.minimum(k_hi, P - HALF), bias_lo)
-        int_end = first + tl.maximum(0, (last_end - first) // BN) * BN
-        for start in range(first, int_end, BN):
-            m, l_all, l_pre, s_def, l_b = _p1_tile(
-                q, K, BT, start, k_hi, P, lim, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
-                scale_log2, bias_lo, bias_hi, m, l_all, l_pre, s_def, l_b,
-                HALF, KPOOL, BN, CDT, DOT_PREC, INTERP, BS_POW2, OFF32, False)
-        for start in range(k_lo, k_hi, BN):
-            if (start < first) | (start >= int_end):
-                m, l_all, l_pre, s_def, l_b = _p1_tile(
-                    q, K, BT, start, k_hi, P, lim, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
-                    scale_log2, bias_lo, bias_hi, m, l_all, l_pre, s_def, l_b,
-                    HALF, KPOOL, BN, CDT, DOT_PREC, INTERP, BS_POW2, OFF32, True)
-    else:
-        for start in range(k_lo, k_hi, BN):
+    # Tiles with no mask, no causal edge, no pooling edge and no bias column first, in a loop of
+    # their own compiled without that code (sm_90 SASS: 29% fewer hot-loop instructions; H200,
+    # all layers at 32K: -2% Llama, -4% Qwen); then the general loop over the rest.
+    first = k_lo
+    if first < HALF:
+        first = k_lo + BN
+    last_end = tl.minimum(tl.minimum(k_hi, P - HALF), bias_lo)
+    int_end = first + tl.maximum(0, (last_end - first) // BN) * BN
+    for start in range(first, int_end, BN):
+        m, l_all, l_pre, s_def, l_b = _p1_tile(
+            q, K, BT, start, k_hi, P, lim, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
+            scale_log2, bias_lo, bias_hi, m, l_all, l_pre, s_def, l_b,
+            HALF, KPOOL, BN, CDT, DOT_PREC, INTERP, BS_POW2, OFF32, False)
+    for start in range(k_lo, k_hi, BN):
+        if (start < first) | (start >= int_end):
             m, l_all, l_pre, s_def, l_b = _p1_tile(
                 q, K, BT, start, k_hi, P, lim, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
                 scale_log2, bias_lo, bias_hi, m, l_all, l_pre, s_def, l_b,
@@ -443,7 +438,7 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, edge_tile, band, bias_col, do_b
 
 @triton.jit(do_not_specialize=_PASS2_LENGTHS)
 def _window_pass2(
-    Q, KPTRS, BT, ROW, DMAX, SNAP, UNP, PSUMS, PACKED,
+    Q, KPTRS, BT, ROW, DMAX, UNP, PSUMS, PACKED,
     sqh, sqw, sqd, skb, skt, skh, skd, block_size, bs_shift, HKV,
     P, W, G, R, RP, HEAD_D, num_row_blocks, tiles_per_prog, num_progs, scale_log2, inv_rows, bias_lo, bias_hi,
     HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
@@ -545,17 +540,11 @@ def _window_pass2(
                     if do_bias:
                         tl.store(sums + 2 * RP + r, tl.load(sums + 2 * RP + r, mask=rmask, other=0.0) + bsum,
                                  mask=rmask)
-        # SnapKV: pooling is linear, so the pooled row mean is the pooled unpooled mean
-        if HALF > 0:
-            snap = _div_const(tl.sum(unp[:, None] * band, 0), KPOOL)
-        else:
-            snap = unp
         out = hg * P + t
         if EXACT:
             tl.store(PACKED + out, colmax, mask=omask)  # turned into the max by the fixup kernel
         else:
             tl.store(DMAX + out, colmax, mask=omask)
-        tl.store(SNAP + out, snap * inv_rows, mask=omask)
         tl.store(UNP + out, unp * inv_rows, mask=omask)
 
     if SINGLE_RB:
@@ -580,17 +569,24 @@ def _window_sums(PSUMS, SUMS, R, RP, num_progs, BR: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["P"])
-def _window_fixup(DMAX, PACKED, ROW, SUMS, BIAS, P, R, RP, HKV, bias_src_stride, bias_src_off,
-                  BN: tl.constexpr, BRB: tl.constexpr, RBITS: tl.constexpr, ROUND: tl.constexpr,
-                  DO_FIX: tl.constexpr, INTERP: tl.constexpr):
-    """Defensive max with the exact rounded-row sums (pooled / (S + eps) * m, as the reference), and
-    the window bias of each layer: the mean over its (KV head, row)s of their bias-column mass."""
+def _window_fixup(DMAX, SNAP, UNP, PACKED, ROW, SUMS, BIAS, P, R, RP, HKV, bias_src_stride, bias_src_off,
+                  HALF: tl.constexpr, KPOOL: tl.constexpr, BN: tl.constexpr, BRB: tl.constexpr,
+                  RBITS: tl.constexpr, ROUND: tl.constexpr, DO_FIX: tl.constexpr, INTERP: tl.constexpr):
+    """Defensive max with the exact rounded-row sums (pooled / (S + eps) * m, as the reference);
+    SnapKV's pooled mean, which is the pooled unpooled mean (pooling is linear: done here on
+    pass 2's output, off pass 2's hot loop); the window bias of each layer: the mean over its (KV
+    head, row)s of their bias-column mass."""
     jt = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
+    t = jt * BN + tl.arange(0, BN)
+    tmask = t < P
+    out = h * P + t
+    win = tl.zeros([BN], tl.float32)
+    for k in tl.static_range(2 * HALF + 1):  # zero padding outside [0, P), count_include_pad
+        tk = t + (k - HALF)
+        win += tl.load(UNP + h * P + tk, mask=tmask & (tk >= 0) & (tk < P), other=0.0)
+    tl.store(SNAP + out, _div_const(win, KPOOL), mask=tmask)
     if DO_FIX:
-        t = jt * BN + tl.arange(0, BN)
-        tmask = t < P
-        out = h * P + t
         packed = tl.load(PACKED + out, mask=tmask, other=0)
         rr = packed & ((1 << RBITS) - 1)
         val = (packed & (-(1 << RBITS))).to(tl.float32, bitcast=True)
@@ -764,14 +760,14 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
         n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2,
         HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned,
-        DOT_PREC=dot_prec, INTERP=interp, BS_POW2=bs_pow2, OFF32=off32, INTERIOR=bool(cfg["p1_interior"]),
+        DOT_PREC=dot_prec, INTERP=interp, BS_POW2=bs_pow2, OFF32=off32,
         num_warps=_warps(br, cfg["p1_warps"]) if br >= 128 else 4, num_stages=cfg["p1_stages"],
         **_maxnreg(cfg["p1_maxnreg"]),
     )
     # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range)
     _window_combine[(nrb, pairs)](part, rowstats, rows, rp, nsplit, BR=br, BS=max(2, 2048 // br), num_warps=4)
     _window_pass2[(nprog, pairs)](
-        q, kptrs, block_table, rowstats, dmax, snap, unp, psums, packed,
+        q, kptrs, block_table, rowstats, dmax, unp, psums, packed,
         q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
         p, w, g, rows, rp, d, nrb, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
         HALF=half, KPOOL=pool_kernel, BR=br, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, SINGLE_RB=nrb == 1,
@@ -786,9 +782,9 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     else:
         bias_src, bias_stride, bias_off = rowstats, 4 * rp, 3 * rp
     fix_bn = 256
-    _window_fixup[(triton.cdiv(p, fix_bn) if exact else 1, pairs)](
-        dmax, packed, rowstats, sums, bias, p, rows, rp, hkv, bias_stride, bias_src[bias_off:],
-        BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd, DO_FIX=exact,
+    _window_fixup[(triton.cdiv(p, fix_bn), pairs)](
+        dmax, snap, unp, packed, rowstats, sums, bias, p, rows, rp, hkv, bias_stride, bias_src[bias_off:],
+        HALF=half, KPOOL=pool_kernel, BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd, DO_FIX=exact,
         INTERP=interp, num_warps=4,
     )
     return WindowStats(dmax.view(lyr, hkv, p), snap.view(lyr, hkv, p), unp.view(lyr, hkv, p), bias)

@@ -131,15 +131,15 @@ def test_block_addressing_paths(kdev, monkeypatch, bs, force_off64):
 @pytest.mark.interp
 @pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,pool,layout,split_len,fix_bias",
                          [SMALL[0], SMALL[2], SMALL[3], SMALL[4], SMALL[5], SMALL[7]])
-def test_pass1_interior_loop(kdev, monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len,
-                             fix_bias):
-    """`p1_interior` (pass 1's unmasked interior tiles in a loop of their own, off by default until
-    it is timed on a GPU) gives the same statistics: splits, pooling edges, tiny prompts."""
+def test_pass1_small_tiles(kdev, monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len,
+                           fix_bias):
+    """Pass 1 on 16-key tiles: many of them in the interior loop (no mask or edge code), the rest
+    in the general one (splits, pooling edges, bias columns, tiny prompts). This test fails when
+    the interior loop skips or repeats a tile."""
     from vllm_defensive.triton_kernels import _scoring
 
-    monkeypatch.setitem(_scoring.CONFIG, "p1_interior", 1)
     monkeypatch.setattr(_scoring, "CONFIG_BY_HEAD_DIM", {})
-    monkeypatch.setitem(_scoring.CONFIG, "p1_bn", 16)  # several interior tiles at these sizes
+    monkeypatch.setitem(_scoring.CONFIG, "p1_bn", 16)
     run_case(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed=n + 1)
 
 

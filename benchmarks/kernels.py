@@ -516,9 +516,9 @@ def bench_compaction(name, shp, n, ceil, keep=0.2):
 
 # One change at a time around the tuned per-head-dim defaults (_scoring.CONFIG_BY_HEAD_DIM). Earlier
 # sweeps, on earlier designs: results/kernels/sweep_run2.json (H100), h200_2026-12-01/kernels.json.
-SWEEP_P1 = [{"p1_interior": 1}, {"p1_bn": 128}, {"p1_stages": 4}, {"p1_maxnreg": 0}]
-SWEEP_P2 = [{"p2_bn": 64}, {"p2_stages": 3}, {"p2_maxnreg": 0}, {"p2_programs_per_sm": 4},
-            {"p2_programs_per_sm": 8}]
+SWEEP_P1 = [{"p1_bn": 128}, {"p1_stages": 4}, {"p1_maxnreg": 0}]
+SWEEP_P2 = [{"p2_bn": 64}, {"p2_bn": 64, "p2_warps": 8}, {"p2_stages": 3}, {"p2_maxnreg": 0},
+            {"p2_programs_per_sm": 4}, {"p2_programs_per_sm": 8}, {"p2_programs_per_sm": 12}]
 SWEEP_BR = {"qwen05b": [{"br": 64}, {"br": 128}], "llama8b": []}
 
 
@@ -689,6 +689,9 @@ def _sass_loops(sass: str):
     return out
 
 
+PROBS = {0: "fp32", 1: "bf16", 2: "fp16"}  # probs_dtype by the kernels' ROUND code
+
+
 def resources():
     """Compile the kernels for sm_90 without a GPU, with the configurations the host code picks for
     Llama-3.1-8B's and Qwen2.5-0.5B's shapes: registers, spills (stack), shared memory and, for the
@@ -740,17 +743,25 @@ def resources():
         common = dict(HALF=2, KPOOL=5, BR=br, BD=d, CDT=tl.bfloat16, KDT=tl.bfloat16, ALIGNED=True, DOT_PREC="tf32",
                       INTERP=False, BS_POW2=True, OFF32=True)
         w1 = _scoring._warps(br, c["p1_warps"]) if br >= 128 else 4
-        for interior in (False, True):  # p1_interior: pass 1's interior tiles in their own loop
-            comp(_scoring._window_pass1, dict(ptrs, PART="*fp32"), dict(common, BN=c["p1_bn"], INTERIOR=interior),
-                 dict(num_warps=w1, num_stages=c["p1_stages"], **_scoring._maxnreg(c["p1_maxnreg"])),
-                 br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}{' interior' if interior else ''}")
+        comp(_scoring._window_pass1, dict(ptrs, PART="*fp32"), dict(common, BN=c["p1_bn"]),
+             dict(num_warps=w1, num_stages=c["p1_stages"], **_scoring._maxnreg(c["p1_maxnreg"])),
+             br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}")
         w2 = _scoring._warps(br, c["p2_warps"])
         t2 = dict(ptrs, ROW="*fp32", DMAX="*fp32", SNAP="*fp32", UNP="*fp32", PSUMS="*fp32", PACKED="*i32")
-        for rnd in (1, 0):
+        for rnd in (1, 2, 0):
             comp(_scoring._window_pass2, t2, dict(common, BN=c["p2_bn"], ROUND=rnd, EXACT=rnd > 0,
                                                   SINGLE_RB=rp == br, RBITS=max(1, (rp - 1).bit_length())),
                  dict(num_warps=w2, num_stages=c["p2_stages"], **_scoring._maxnreg(c["p2_maxnreg"])),
-                 br * c["p2_bn"] / (32 * w2), f"{name} BR={br} BN={c['p2_bn']} probs {'bf16' if rnd else 'fp32'}")
+                 br * c["p2_bn"] / (32 * w2), f"{name} BR={br} BN={c['p2_bn']} probs {PROBS[rnd]}")
+        # the small kernels around the passes: compiled too (a GPU-only compile error shows here)
+        comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32"}, dict(BR=br, BS=max(2, 2048 // br)),
+             dict(num_warps=4), label=name)
+        comp(_scoring._window_sums, {"PSUMS": "*fp32", "SUMS": "*fp32"}, dict(BR=br), dict(num_warps=4), label=name)
+        for rnd in (1, 2, 0):
+            comp(_scoring._window_fixup, {n: "*fp32" for n in ("DMAX", "SNAP", "UNP", "ROW", "SUMS", "BIAS",
+                                                                "bias_src_off")} | {"PACKED": "*i32"},
+                 dict(HALF=2, KPOOL=5, BN=256, BRB=min(128, br), RBITS=max(1, (rp - 1).bit_length()), ROUND=rnd,
+                      DO_FIX=rnd > 0, INTERP=False), dict(num_warps=4), label=f"{name} probs {PROBS[rnd]}")
         v = _value_norm.CONFIG
         comp(_value_norm._value_norm_kernel, {"VPTRS": "*i64", "BT": "*i32", "WPTRS": "*i64", "OUT": "*fp32"},
              dict(BTK=v["bt"], BO=v["bo"], BD=d, CDT=tl.bfloat16, VDT=tl.bfloat16, WDT=tl.bfloat16, ALIGNED=True,

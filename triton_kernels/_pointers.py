@@ -8,23 +8,35 @@ instead of copied host -> device (a pageable copy stalls the host) on every call
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
-_TABLES: dict[tuple, torch.Tensor] = {}
-_MAX_TABLES = 32
+# Least recently used first. One table per (layer set, device); per-layer callers need one per
+# layer (80 for a 70B model) next to the layered ones, so the cache holds far more than that: it
+# used to hold 32 and clear itself when full, which a 32-layer model's per-layer calls plus one
+# layered call overflowed on every call (a host-stalling copy each time).
+_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_MAX_TABLES = 1024
 
 
 def pointer_table(addrs: Sequence[int], device: torch.device) -> torch.Tensor:
-    """int64 device tensor holding `addrs` (cached by value)."""
+    """int64 device tensor holding `addrs` (cached by value). A miss copies from pinned memory
+    without blocking the host (the caching host allocator keeps the buffer until the copy is done)."""
     key = (device.type, device.index, tuple(addrs))
     t = _TABLES.get(key)
-    if t is None:
-        if len(_TABLES) >= _MAX_TABLES:
-            _TABLES.clear()
-        t = torch.tensor(list(addrs), dtype=torch.int64, device=device)
-        _TABLES[key] = t
+    if t is not None:
+        _TABLES.move_to_end(key)
+        return t
+    host = torch.tensor(list(addrs), dtype=torch.int64)
+    if device.type == "cuda":
+        t = host.pin_memory().to(device, non_blocking=True)
+    else:
+        t = host.to(device)
+    _TABLES[key] = t
+    if len(_TABLES) > _MAX_TABLES:
+        _TABLES.popitem(last=False)
     return t
 
 

@@ -744,10 +744,15 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     # one workspace: pass-1 partials | row stats | exact sums | their per-program partials | dmax |
     # snap | unp | packed max | bias
     psize = pairs * nprog * 3 * rp if exact else 0
+    # Every part starts 128-byte aligned: Triton specialises pointer arguments on 16-byte alignment,
+    # so unpadded parts after a [pairs, P] one made the alignment of the next follow P's parity (a
+    # fresh compile inside an engine step for a prompt of the other parity, seen on the GPU).
     sizes = [pairs * nsplit * 5 * rp, pairs * 4 * rp, pairs * 3 * rp, psize, pairs * p, pairs * p, pairs * p,
              pairs * p, lyr]
-    ws = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
-    part, rowstats, sums, psums, dmax, snap, unp, packed, bias = ws.split(sizes)
+    padded = [-(-x // 32) * 32 for x in sizes]
+    ws = torch.empty(sum(padded), dtype=torch.float32, device=dev)
+    part, rowstats, sums, psums, dmax, snap, unp, packed, bias = (
+        x[:n_] for x, n_ in zip(ws.split(padded), sizes))
     packed = packed.view(torch.int32)
     kptrs = pointer_table([c.data_ptr() for c in key_caches], dev)
     aligned = aligned16(key_caches)

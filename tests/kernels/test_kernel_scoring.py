@@ -153,6 +153,20 @@ def test_dense_api_and_bias_tensor(kdev):
     check_stats(got, ref, BF16)
 
 
+@pytest.mark.interp
+@pytest.mark.parametrize("n", [41, 42, 43, 44])
+def test_outputs_are_aligned_for_every_length(kdev, n):
+    """Every output (and so every workspace part the kernels take as a pointer) starts 16-byte
+    aligned whatever the prompt length: Triton specialises pointers on alignment, so a length of
+    the other parity would otherwise compile new kernel variants inside an engine step."""
+    gen = torch.Generator().manual_seed(n)
+    q, k = attention_inputs(3, 3, 8, n, 64, BF16, kdev, gen)  # 3 pairs: P * 3 of every parity
+    got = tk.window_stats(q, k, 5, None, BF16, window_bias_as_tensor=True, impl="triton")
+    for name in ("defensive_max", "snapkv", "unpooled_mean", "window_bias"):
+        assert getattr(got, name).data_ptr() % 16 == 0, name
+    check_stats(got, scoring.window_stats(q, k, 5, None, BF16), BF16)
+
+
 def test_torch_path_is_the_reference():
     gen = torch.Generator().manual_seed(3)
     q, k = attention_inputs(6, 2, 8, 70, 64, BF16, "cpu", gen)

@@ -30,7 +30,8 @@ def main(path):
                   fontsize=7)
     ax.set_ylabel("time / roofline (ms on the bars)")
     ax.set_title(f"Window scoring, all layers, 32K tokens: {d['device'].split(',')[0]}", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
+    ax.legend(fontsize=8, ncol=3, loc="upper center")
     fig.tight_layout()
     out = os.path.join(os.path.dirname(path), "steps.png")
     fig.savefig(out, dpi=120)

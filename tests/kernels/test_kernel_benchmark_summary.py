@@ -1,0 +1,35 @@
+"""The kernel benchmark's summary.json is what its kernels.json says: rebuilt offline from the
+committed H200 run, it equals the committed summary, and its targets are read off the records."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUN = os.path.join(ROOT, "benchmarks", "results", "kernels", "h200_2026-12-02")
+
+
+def test_summary_is_rebuilt_from_the_records(tmp_path):
+    shutil.copy(os.path.join(RUN, "kernels.json"), tmp_path / "kernels.json")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernels.py"), "--summary-from",
+                          str(tmp_path / "kernels.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rebuilt = json.loads((tmp_path / "summary.json").read_text())
+    with open(os.path.join(RUN, "summary.json")) as f:
+        assert rebuilt == json.load(f)
+    with open(os.path.join(ROOT, "benchmarks", "results", "kernels", "summary.json")) as f:
+        assert rebuilt == json.load(f)  # the top-level summary is this run
+
+    records = json.loads((tmp_path / "kernels.json").read_text())
+    layered = {r["shape"]: r for r in records["scoring_layers"] if r["tokens"] == 32768}
+    one = {r["shape"]: r for r in records["scoring"] if r["tokens"] == 32768}
+    for shape, t in rebuilt["targets_32k"].items():
+        assert t["all_layers_of_roofline"] == layered[shape]["of_roofline"]
+        assert t["one_layer_device_time_speedup"] == one[shape]["reference_ms"] / one[shape]["kernel_graph_ms"]
+        assert t["meets_3x_roofline"] == (layered[shape]["of_roofline"] <= 3)
+    # the issue's fields, per scoring record
+    need = {"shape", "tokens", "kernel_ms", "reference_ms", "speedup", "roofline_ms", "extra_memory_mb"}
+    assert rebuilt["scoring"] and all(need <= set(r) for r in rebuilt["scoring"])
+    assert rebuilt["device"] == "NVIDIA H200" and rebuilt["versions"]["triton"] == "3.6.0"

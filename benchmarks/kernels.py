@@ -517,7 +517,7 @@ def bench_compaction(name, shp, n, ceil, keep=0.2):
 # One change at a time around the tuned per-head-dim defaults (_scoring.CONFIG_BY_HEAD_DIM). Earlier
 # sweeps, on earlier designs: results/kernels/sweep_run2.json (H100), h200_2026-12-01/kernels.json.
 SWEEP_P1 = [{"p1_bn": 128}, {"p1_stages": 4}, {"p1_maxnreg": 0}]
-SWEEP_P2 = [{"p2_bn": 64}, {"p2_bn": 64, "p2_warps": 8}, {"p2_stages": 3}, {"p2_maxnreg": 0},
+SWEEP_P2 = [{"p2_colsum_mma": 1}, {"p2_bn": 64}, {"p2_bn": 64, "p2_warps": 8}, {"p2_stages": 3}, {"p2_maxnreg": 0},
             {"p2_programs_per_sm": 4}, {"p2_programs_per_sm": 8}, {"p2_programs_per_sm": 12}]
 SWEEP_BR = {"qwen05b": [{"br": 64}, {"br": 128}], "llama8b": []}
 
@@ -798,11 +798,13 @@ def resources():
              br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}")
         w2 = _scoring._warps(br, c["p2_warps"])
         t2 = dict(ptrs, ROW="*fp32", DMAX="*fp32", SNAP="*fp32", UNP="*fp32", PSUMS="*fp32", PACKED="*i32")
-        for rnd in (1, 2, 0):
+        for rnd, mma in ((1, False), (1, True), (2, False), (0, False)):  # mma: p2_colsum_mma
             comp(_scoring._window_pass2, t2, dict(common, BN=c["p2_bn"], ROUND=rnd, EXACT=rnd > 0,
-                                                  SINGLE_RB=rp == br, RBITS=max(1, (rp - 1).bit_length())),
+                                                  SINGLE_RB=rp == br, RBITS=max(1, (rp - 1).bit_length()),
+                                                  COLSUM_MMA=mma),
                  dict(num_warps=w2, num_stages=c["p2_stages"], **_scoring._maxnreg(c["p2_maxnreg"])),
-                 br * c["p2_bn"] / (32 * w2), f"{name} BR={br} BN={c['p2_bn']} probs {PROBS[rnd]}")
+                 br * c["p2_bn"] / (32 * w2),
+                 f"{name} BR={br} BN={c['p2_bn']} probs {PROBS[rnd]}{' colsum mma' if mma else ''}")
         # the small kernels around the passes: compiled too (a GPU-only compile error shows here)
         comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32"}, dict(BR=br, BS=max(2, 2048 // br)),
              dict(num_warps=4), label=name)

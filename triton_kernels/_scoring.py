@@ -44,9 +44,11 @@ that scale's error (under one ulp of probs_dtype) the value may be the other row
 window bias is likewise the exact sum of rounded probabilities; the fixed variant
 (`fix_window_bias`) is computed from the unrounded ones.
 
-Host cost: about 0.25-0.3 ms of Python/launch work per call on the H100 machine (four Triton
-launches), once per request instead of once per layer (24-32 layers: 6-10 ms of host time that
-the per-layer calls paid, more than the device work of a short prompt).
+Host cost: about 0.25-0.3 ms of Python/launch work per call (H100 and H200 machines; five Triton
+launches at ~50 us each in Triton's launcher, ~60 us of ours: cProfile in
+benchmarks/results/kernels/h200_2026-12-02/host_prof.txt), once per request instead of once per
+layer (24-32 layers: 6-10 ms of host time that the per-layer calls paid, more than the device
+work of a short prompt).
 """
 
 from __future__ import annotations
@@ -79,9 +81,10 @@ CONFIG = {
     "p1_maxnreg": 0,  # register cap per thread (0: the compiler's choice)
     "p2_maxnreg": 0,
     "p2_progs": 0,  # pass-2 programs per (layer, KV head) pair (0: from p2_programs_per_sm)
+    "p2_colsum_mma": 0,  # pass 2's unpooled column sums on the tensor cores (not yet timed: off)
 }
 # Per head-dim overrides of CONFIG: the best of the H200 runs on the layered path at 32K
-# (benchmarks/results/kernels/h200_2026-12-01b/). Both passes are latency-bound at two resident
+# (benchmarks/results/kernels/h200_2026-12-01b/; the 2026-12-02 sweep found nothing better). Both passes are latency-bound at two resident
 # programs per SM (ncu: ~38% of issue slots used, 2 warps per scheduler, register-limited), so
 # capping registers for more resident programs wins even with a few spills: d = 128 pass 1 at
 # 168 registers (3 programs per SM), pass 2 on 32-key tiles at 128 (4 per SM); the program counts
@@ -386,7 +389,8 @@ def _window_combine(PART, ROW, R, RP, num_splits, BR: tl.constexpr, BS: tl.const
 @triton.jit
 def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, edge_tile, band, bias_col, do_bias, scale_log2,
              HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, ROUND: tl.constexpr,
-             EXACT: tl.constexpr, RBITS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
+             EXACT: tl.constexpr, RBITS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+             COLSUM_MMA: tl.constexpr):
     """One block of window rows against one key tile (tile columns = keys t0 .. t0+BN-1, of which the
     central BN - 2*HALF are this tile's outputs: ownf = 1.0 there, 0.0 elsewhere). Padded rows have
     inv_l = c = 0, so they are zero.
@@ -402,7 +406,14 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, edge_tile, band, bias_col, do_b
     if edge_tile:  # keys outside [0, P) pool as zeros (the reference pools the prefix alone)
         p = tl.where(kmask[None, :], p, 0.0)
     p16, p = _round16(p, ROUND, INTERP)
-    unp = tl.sum(p, 0)
+    if COLSUM_MMA:
+        # The column sums on the tensor cores (16 equal rows: their max is any of them, exactly)
+        # instead of a shuffle tree per column: 7% fewer hot-loop instructions offline (Llama),
+        # 5% (Qwen); off until timed on a GPU, and the sums then carry the tensor cores' fp32
+        # accumulation. 16-bit probabilities only (p16 is exact there).
+        unp = tl.max(_dot(tl.full([16, BR], 1.0, tl.float32).to(p16.dtype), p16, DOT_PREC, INTERP), 0)
+    else:
+        unp = tl.sum(p, 0)
     # Row sums of p before the band dot, so the fp32 probabilities die here (kept live across it
     # they cost 64 registers a thread at 128 x 64 tiles: spills). Each key's probability counts
     # once, in the tile it is an output of (a product, not a select: the sum's adds then fuse
@@ -444,7 +455,7 @@ def _window_pass2(
     HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     ROUND: tl.constexpr, EXACT: tl.constexpr, SINGLE_RB: tl.constexpr, RBITS: tl.constexpr, CDT: tl.constexpr,
     KDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-    BS_POW2: tl.constexpr, OFF32: tl.constexpr,
+    BS_POW2: tl.constexpr, OFF32: tl.constexpr, COLSUM_MMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hg = tl.program_id(1).to(tl.int64)  # (layer, KV head) pair
@@ -504,7 +515,7 @@ def _window_pass2(
         if SINGLE_RB:
             unp, colmax, msum, ssum, bsum = _p2_rows(
                 q, mx, inv_l, c, r, k, kmask, ownf, edge_tile, band16, bias_col, do_bias, scale_log2,
-                HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP)
+                HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP, COLSUM_MMA)
             if EXACT:
                 m_acc += msum
                 s_acc += ssum
@@ -528,7 +539,7 @@ def _window_pass2(
                 c = tl.load(row + 2 * RP + r, mask=rmask, other=0.0)
                 unp_b, colmax_b, msum, ssum, bsum = _p2_rows(
                     q, mx, inv_l, c, r, k, kmask, ownf, edge_tile, band16, bias_col, do_bias, scale_log2,
-                    HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP)
+                    HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP, COLSUM_MMA)
                 unp += unp_b
                 colmax = tl.maximum(colmax, colmax_b)
                 if EXACT:
@@ -777,7 +788,8 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         p, w, g, rows, rp, d, nrb, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
         HALF=half, KPOOL=pool_kernel, BR=br, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, SINGLE_RB=nrb == 1,
         RBITS=rbits, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp,
-        BS_POW2=bs_pow2, OFF32=off32, num_warps=_warps(br, cfg["p2_warps"]), num_stages=cfg["p2_stages"],
+        BS_POW2=bs_pow2, OFF32=off32, COLSUM_MMA=bool(cfg["p2_colsum_mma"]) and rnd > 0,
+        num_warps=_warps(br, cfg["p2_warps"]), num_stages=cfg["p2_stages"],
         **_maxnreg(cfg["p2_maxnreg"]),
     )
     if exact:

@@ -144,6 +144,19 @@ def test_pass1_small_tiles(kdev, monkeypatch, hq, hkv, d, bs, n, w, dtype, probs
 
 
 @pytest.mark.interp
+@pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,pool,layout,split_len,fix_bias",
+                         [SMALL[0], SMALL[2], SMALL[3], SMALL[5], SMALL[6]])
+def test_pass2_column_sums_on_tensor_cores(kdev, monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout,
+                                           split_len, fix_bias):
+    """`p2_colsum_mma` (pass 2's unpooled column sums as a product with a ones matrix; off until
+    timed on a GPU) gives the same statistics with 16-bit probabilities."""
+    from vllm_defensive.triton_kernels import _scoring
+
+    monkeypatch.setitem(_scoring.CONFIG, "p2_colsum_mma", 1)
+    run_case(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed=n + 3)
+
+
+@pytest.mark.interp
 def test_dense_api_and_bias_tensor(kdev):
     gen = torch.Generator().manual_seed(7)
     q, k = attention_inputs(6, 2, 8, 90, 64, BF16, kdev, gen)

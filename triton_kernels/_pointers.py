@@ -31,6 +31,9 @@ def pointer_table(addrs: Sequence[int], device: torch.device) -> torch.Tensor:
         return t
     host = torch.tensor(list(addrs), dtype=torch.int64)
     if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            # a captured copy would replay from a pinned buffer that is gone by then
+            raise RuntimeError("a new address table inside CUDA graph capture: run the call once before capturing")
         t = host.pin_memory().to(device, non_blocking=True)
     else:
         t = host.to(device)

@@ -515,7 +515,8 @@ def bench_compaction(name, shp, n, ceil, keep=0.2):
 
 
 # One change at a time around the tuned per-head-dim defaults (_scoring.CONFIG_BY_HEAD_DIM). Earlier
-# sweeps, on earlier designs: results/kernels/sweep_run2.json (H100), h200_2026-12-01/kernels.json.
+# sweeps, on earlier designs: results/kernels/sweep_run2.json (H100), h200_2026-12-01/kernels.json,
+# h200_2026-12-02/sweep.json.
 SWEEP_P1 = [{"p1_bn": 128}, {"p1_stages": 4}, {"p1_maxnreg": 0}]
 SWEEP_P2 = [{"p2_colsum_mma": 1}, {"p2_bn": 64}, {"p2_bn": 64, "p2_warps": 8}, {"p2_stages": 3}, {"p2_maxnreg": 0},
             {"p2_programs_per_sm": 4}, {"p2_programs_per_sm": 8}, {"p2_programs_per_sm": 12}]
@@ -797,7 +798,7 @@ def resources():
              dict(num_warps=w1, num_stages=c["p1_stages"], **_scoring._maxnreg(c["p1_maxnreg"])),
              br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}")
         w2 = _scoring._warps(br, c["p2_warps"])
-        t2 = dict(ptrs, ROW="*fp32", DMAX="*fp32", SNAP="*fp32", UNP="*fp32", PSUMS="*fp32", PACKED="*i32")
+        t2 = dict(ptrs, ROW="*fp32", DMAX="*fp32", UNP="*fp32", PSUMS="*fp32", PACKED="*i32")
         for rnd, mma in ((1, False), (1, True), (2, False), (0, False)):  # mma: p2_colsum_mma
             comp(_scoring._window_pass2, t2, dict(common, BN=c["p2_bn"], ROUND=rnd, EXACT=rnd > 0,
                                                   SINGLE_RB=rp == br, RBITS=max(1, (rp - 1).bit_length()),

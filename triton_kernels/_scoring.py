@@ -37,12 +37,12 @@ pooling, and pooling casts back to it): pass 2 rounds each probability and each 
 nearest-even like torch. The reference's m and S are then sums of ROUNDED values, which pass 1
 cannot know; pass 2 accumulates them exactly (per-program partial sums per row, which
 `_window_sums` adds in a fixed order: no atomics, so every run gives the same bits, and so does
-the keep set) and records, per token, which row gave the max (packed into the low bits of the max itself), and the fixup kernel recomputes that
-row's pooled / (S + eps) * m with the exact sums: the reference's formula, up to float32
-summation order. The row is chosen with pass 1's unrounded scale, so where two rows tie within
-that scale's error (under one ulp of probs_dtype) the value may be the other row's. The official
-window bias is likewise the exact sum of rounded probabilities; the fixed variant
-(`fix_window_bias`) is computed from the unrounded ones.
+the keep set) and records, per token, which row gave the max (packed into the low bits of the max
+itself), and the fixup kernel recomputes that row's pooled / (S + eps) * m with the exact sums:
+the reference's formula, up to float32 summation order. The row is chosen with pass 1's unrounded
+scale, so where two rows tie within that scale's error (under one ulp of probs_dtype) the value
+may be the other row's. The official window bias is likewise the exact sum of rounded
+probabilities; the fixed variant (`fix_window_bias`) is computed from the unrounded ones.
 
 Host cost: about 0.25-0.3 ms of Python/launch work per call (H100 and H200 machines; five Triton
 launches at ~50 us each in Triton's launcher, ~60 us of ours: cProfile in
@@ -84,11 +84,11 @@ CONFIG = {
     "p2_colsum_mma": 0,  # pass 2's unpooled column sums on the tensor cores (not yet timed: off)
 }
 # Per head-dim overrides of CONFIG: the best of the H200 runs on the layered path at 32K
-# (benchmarks/results/kernels/h200_2026-12-01b/; the 2026-12-02 sweep found nothing better). Both passes are latency-bound at two resident
-# programs per SM (ncu: ~38% of issue slots used, 2 warps per scheduler, register-limited), so
-# capping registers for more resident programs wins even with a few spills: d = 128 pass 1 at
-# 168 registers (3 programs per SM), pass 2 on 32-key tiles at 128 (4 per SM); the program counts
-# follow so that the grids fill whole waves.
+# (benchmarks/results/kernels/h200_2026-12-01b/; the 2026-12-02 sweep found nothing better). Both
+# passes were latency-bound at two resident programs per SM (ncu: ~38% of issue slots used, 2
+# warps per scheduler, register-limited), so capping registers for more resident programs wins
+# even with a few spills: d = 128 pass 1 at 168 registers (3 programs per SM), pass 2 on 32-key
+# tiles at 128 (4 per SM); the program counts follow so that the grids fill whole waves.
 CONFIG_BY_HEAD_DIM: dict[int, dict] = {
     128: {"p1_warps": 4, "p1_maxnreg": 168, "p1_programs_per_sm": 6,
           "p2_bn": 32, "p2_maxnreg": 128, "p2_programs_per_sm": 8},
@@ -138,12 +138,6 @@ def _layer_keys(KPTRS, hg, HKV, KDT: tl.constexpr, ALIGNED: tl.constexpr):
 # halves shifted into place), so the 16-bit pairs never leave it (extracting them and packing
 # them again for the dot cost three instructions a pair).
 # (as constexpr: the jit functions read module globals only in that form)
-# $0, $1: the rounded fp32 values; $2, $3: the inputs
-_ROUND_BF16 = tl.constexpr(
-    "{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $3, $2; shl.b32 $0, t, 16; and.b32 $1, t, 0xffff0000; }")
-_ROUND_F16 = tl.constexpr(
-    "{ .reg .b16 l, h; .reg .b32 t; cvt.rn.f16x2.f32 t, $3, $2; mov.b32 {l, h}, t; cvt.f32.f16 $0, l; "
-    "cvt.f32.f16 $1, h; }")
 # $0: the packed 16-bit pair; $1, $2: their fp32 values; $3, $4: the inputs
 _ROUND16_BF16 = tl.constexpr("cvt.rn.bf16x2.f32 $0, $4, $3; shl.b32 $1, $0, 16; and.b32 $2, $0, 0xffff0000;")
 _ROUND16_F16 = tl.constexpr(
@@ -160,12 +154,12 @@ def _round(x, ROUND: tl.constexpr, INTERP: tl.constexpr):
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
             x = bits.to(tl.float32, bitcast=True)
         else:
-            x = tl.inline_asm_elementwise(_ROUND_BF16, "=r,=r,r,r", [x], dtype=tl.float32, is_pure=True, pack=2)
+            x = _round16(x, ROUND, INTERP)[1]  # the 16-bit pair is unused: its register is the cvt's
     elif ROUND == 2:
         if INTERP:
             x = x.to(tl.float16).to(tl.float32)
         else:
-            x = tl.inline_asm_elementwise(_ROUND_F16, "=r,=r,r,r", [x], dtype=tl.float32, is_pure=True, pack=2)
+            x = _round16(x, ROUND, INTERP)[1]
     return x
 
 
@@ -801,7 +795,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     fix_bn = 256
     _window_fixup[(triton.cdiv(p, fix_bn), pairs)](
         dmax, snap, unp, packed, rowstats, sums, bias, p, rows, rp, hkv, bias_stride, bias_src[bias_off:],
-        HALF=half, KPOOL=pool_kernel, BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd, DO_FIX=exact,
-        INTERP=interp, num_warps=4,
+        HALF=half, KPOOL=pool_kernel, BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd,
+        DO_FIX=exact, INTERP=interp, num_warps=4,
     )
     return WindowStats(dmax.view(lyr, hkv, p), snap.view(lyr, hkv, p), unp.view(lyr, hkv, p), bias)

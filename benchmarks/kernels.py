@@ -800,13 +800,17 @@ def resources():
              br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}")
         w2 = _scoring._warps(br, c["p2_warps"])
         t2 = dict(ptrs, ROW="*fp32", DMAX="*fp32", UNP="*fp32", PSUMS="*fp32", PACKED="*i32")
-        for rnd, mma in ((1, False), (1, True), (2, False), (0, False)):  # mma: p2_colsum_mma
+        # (probs, p2_colsum_mma, p2_rowsum_mma): the defaults, then each product path the other way
+        rs = bool(c["p2_rowsum_mma"]) and rp == br
+        cs = bool(c["p2_colsum_mma"])
+        for rnd, mma, rsum in ((1, cs, rs), (1, not cs, rs), (1, cs, not rs), (2, cs, rs), (0, False, False)):
             comp(_scoring._window_pass2, t2, dict(common, BN=c["p2_bn"], ROUND=rnd, EXACT=rnd > 0,
                                                   SINGLE_RB=rp == br, RBITS=max(1, (rp - 1).bit_length()),
-                                                  COLSUM_MMA=mma),
+                                                  COLSUM_MMA=mma, ROWSUM_MMA=rsum and rp == br),
                  dict(num_warps=w2, num_stages=c["p2_stages"], **_scoring._maxnreg(c["p2_maxnreg"])),
                  br * c["p2_bn"] / (32 * w2),
-                 f"{name} BR={br} BN={c['p2_bn']} probs {PROBS[rnd]}{' colsum mma' if mma else ''}")
+                 f"{name} BR={br} BN={c['p2_bn']} probs {PROBS[rnd]}{' colsum mma' if mma else ''}"
+                 f"{' rowsum mma' if rsum and rp == br else ''}")
         # the small kernels around the passes: compiled too (a GPU-only compile error shows here)
         comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32"}, dict(BR=br, BS=max(2, 2048 // br)),
              dict(num_warps=4), label=name)

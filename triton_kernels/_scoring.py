@@ -82,6 +82,7 @@ CONFIG = {
     "p2_maxnreg": 0,
     "p2_progs": 0,  # pass-2 programs per (layer, KV head) pair (0: from p2_programs_per_sm)
     "p2_colsum_mma": 0,  # pass 2's unpooled column sums on the tensor cores (not yet timed: off)
+    "p2_rowsum_mma": 1,  # pass 2's exact row sums on the tensor cores (16-bit probabilities, one row block)
 }
 # Per head-dim overrides of CONFIG: the best of the H200 runs on the layered path at 32K
 # (benchmarks/results/kernels/h200_2026-12-01b/; the 2026-12-02 sweep found nothing better). Both
@@ -91,7 +92,7 @@ CONFIG = {
 # tiles at 128 (4 per SM); the program counts follow so that the grids fill whole waves.
 CONFIG_BY_HEAD_DIM: dict[int, dict] = {
     128: {"p1_warps": 4, "p1_maxnreg": 168, "p1_programs_per_sm": 6,
-          "p2_bn": 32, "p2_maxnreg": 128, "p2_programs_per_sm": 8},
+          "p2_bn": 32, "p2_maxnreg": 128, "p2_programs_per_sm": 8, "p2_rowsum_mma": 0},
     64: {"p1_bn": 64, "p1_maxnreg": 128, "p2_bn": 32, "p2_maxnreg": 128, "p2_programs_per_sm": 4},
 }
 
@@ -142,6 +143,8 @@ def _layer_keys(KPTRS, hg, HKV, KDT: tl.constexpr, ALIGNED: tl.constexpr):
 _ROUND16_BF16 = tl.constexpr("cvt.rn.bf16x2.f32 $0, $4, $3; shl.b32 $1, $0, 16; and.b32 $2, $0, 0xffff0000;")
 _ROUND16_F16 = tl.constexpr(
     "{ .reg .b16 l, h; cvt.rn.f16x2.f32 $0, $4, $3; mov.b32 {l, h}, $0; cvt.f32.f16 $1, l; cvt.f32.f16 $2, h; }")
+_PACK16_BF16 = tl.constexpr("cvt.rn.bf16x2.f32 $0, $2, $1;")
+_PACK16_F16 = tl.constexpr("cvt.rn.f16x2.f32 $0, $2, $1;")
 
 
 @triton.jit
@@ -194,6 +197,17 @@ def _round16(x, ROUND: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _pack16(x, ROUND: tl.constexpr, INTERP: tl.constexpr):
+    """x rounded to probs_dtype (ROUND > 0), the 16-bit tensor alone: one packed cvt per pair."""
+    if INTERP:
+        return _round16(x, ROUND, INTERP)[0]
+    elif ROUND == 1:
+        return tl.inline_asm_elementwise(_PACK16_BF16, "=r,r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise(_PACK16_F16, "=r,r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
 def _band_dot(p16, p, band, ROUND: tl.constexpr, INTERP: tl.constexpr):
     """p @ band for a 0/1 band matrix: exact products on the tensor cores.
 
@@ -201,7 +215,7 @@ def _band_dot(p16, p, band, ROUND: tl.constexpr, INTERP: tl.constexpr):
     are split in three bf16 parts (24 significant bits), so the pooled sums carry fp32 accuracy
     either way."""
     if INTERP:
-        acc = tl.dot(p, band.to(tl.float32), input_precision="ieee")
+        acc = tl.dot(p.to(tl.float32), band.to(tl.float32), input_precision="ieee")
     elif ROUND > 0:
         acc = tl.dot(p16, band)
     else:
@@ -222,6 +236,20 @@ def _div_const(x, KPOOL: tl.constexpr):
     q = x * (1.0 / KPOOL)
     r = tl.fma(-q, tl.full(x.shape, KPOOL, tl.float32), x)
     return tl.fma(r, tl.full(x.shape, 1.0 / KPOOL, tl.float32), q)
+
+
+@triton.jit
+def _div_pool(x, KPOOL: tl.constexpr, ROUND: tl.constexpr):
+    """x / KPOOL for a value rounded to probs_dtype next: for KPOOL = 5 one multiply by 0.2f gives
+    the same 16-bit result as the IEEE quotient. (0.2f is 0.2 (1 + 1.5e-8), so x * 0.2f is within
+    0.25 ulp of x/5; a 16-bit rounding midpoint m has at most 12 significant bits, so a quotient
+    x/5 != m differs from it by |x - 5m|/5 >= ulp(x)/5 >= 0.8 ulp: both roundings stay on its side,
+    and an exact midpoint x/5 = m comes out as m both ways. `test_pool_division_by_multiply`
+    checks the midpoints and their neighbours.) Other sizes and fp32 probabilities divide."""
+    if KPOOL == 5 and ROUND > 0:
+        return x * 0.2
+    else:
+        return _div_const(x, KPOOL)
 
 
 # Prompt-length arguments are not specialised (Triton would otherwise compile a variant per
@@ -381,16 +409,30 @@ def _window_combine(PART, ROW, R, RP, num_splits, BR: tl.constexpr, BS: tl.const
 
 
 @triton.jit
-def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, edge_tile, band, bias_col, do_bias, scale_log2,
+def _dot_acc(a, b, acc, INTERP: tl.constexpr):
+    """acc + a @ b for 16-bit a, b (exact products, fp32 accumulation on the tensor cores)."""
+    if INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band, bias_col, do_bias, scale_log2,
+             rs_acc, sel_m, sel_s,
              HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, ROUND: tl.constexpr,
              EXACT: tl.constexpr, RBITS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-             COLSUM_MMA: tl.constexpr):
+             COLSUM_MMA: tl.constexpr, ROWSUM_MMA: tl.constexpr):
     """One block of window rows against one key tile (tile columns = keys t0 .. t0+BN-1, of which the
     central BN - 2*HALF are this tile's outputs: ownf = 1.0 there, 0.0 elsewhere). Padded rows have
     inv_l = c = 0, so they are zero.
 
     Returns the unpooled column sums, the column max (EXACT: packed with its row, see below) and,
-    for EXACT, the per-row sums of the rounded probabilities / pooled values / bias columns."""
+    for EXACT, the per-row sums of the rounded probabilities / pooled values / bias columns: as
+    [BR] vectors, or (ROWSUM_MMA) the first two added into rs_acc's columns 0 and 1 by products
+    with sel_m / sel_s (the central keys' indicator in that column) on the tensor cores, which
+    takes them off the elementwise path (an FMA per element each, and a shuffle tree per row and
+    tile)."""
     s = _dot(q, tl.trans(k), DOT_PREC, INTERP)
     # The scale rides in the exponent's FMA. 1/l stays a product: folded into the exponent as
     # log2(l) it would put every argument at |x| >= log2(l) (~17 at 128K keys), whose fp32 ulp
@@ -399,12 +441,15 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, edge_tile, band, bias_col, do_b
     p = tl.exp2(s * scale_log2 - mx[:, None]) * inv_l[:, None]
     if edge_tile:  # keys outside [0, P) pool as zeros (the reference pools the prefix alone)
         p = tl.where(kmask[None, :], p, 0.0)
-    p16, p = _round16(p, ROUND, INTERP)
+    if COLSUM_MMA and ROWSUM_MMA:
+        # only the 16-bit probabilities are needed: no fp32 copy (a shift or mask per element)
+        p16 = _pack16(p, ROUND, INTERP)
+        p = p16
+    else:
+        p16, p = _round16(p, ROUND, INTERP)
     if COLSUM_MMA:
         # The column sums on the tensor cores (16 equal rows: their max is any of them, exactly)
-        # instead of a shuffle tree per column: 7% fewer hot-loop instructions offline (Llama),
-        # 5% (Qwen); off until timed on a GPU, and the sums then carry the tensor cores' fp32
-        # accumulation. 16-bit probabilities only (p16 is exact there).
+        # instead of a shuffle tree per column. 16-bit probabilities only (p16 is exact there).
         unp = tl.max(_dot(tl.full([16, BR], 1.0, tl.float32).to(p16.dtype), p16, DOT_PREC, INTERP), 0)
     else:
         unp = tl.sum(p, 0)
@@ -412,21 +457,40 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, edge_tile, band, bias_col, do_b
     # they cost 64 registers a thread at 128 x 64 tiles: spills). Each key's probability counts
     # once, in the tile it is an output of (a product, not a select: the sum's adds then fuse
     # with it into one FMA per element).
-    if EXACT:
+    bsum = tl.zeros([BR], tl.float32)
+    msum = bsum
+    s_past = bsum
+    if ROWSUM_MMA:
+        # keys outside [0, P) are zero in p, so the central keys' sum is the own keys' sum
+        rs_acc = _dot_acc(p16, sel_m, rs_acc, INTERP)
+        if do_bias:  # the bias columns: a tile or two a pair, off the hot path
+            bsum = tl.sum(tl.where(bias_col[None, :], p.to(tl.float32) * ownf[None, :], 0.0), 1)
+    elif EXACT:
         msum = tl.sum(p * ownf[None, :], 1)
         if do_bias:
             bsum = tl.sum(tl.where(bias_col[None, :], p * ownf[None, :], 0.0), 1)
-        else:
-            bsum = tl.zeros([BR], tl.float32)
-    else:
-        msum = tl.zeros([BR], tl.float32)
-        bsum = msum
     if HALF > 0:
-        pooled = _div_const(_band_dot(p16, p, band, ROUND, INTERP), KPOOL)
+        pooled = _div_pool(_band_dot(p16, p, band, ROUND, INTERP), KPOOL, ROUND)
     else:
-        pooled = p
-    pr = _round(pooled, ROUND, INTERP)
+        pooled = p.to(tl.float32)
+    if ROWSUM_MMA:
+        t_idx = tl.arange(0, BN)
+        pr16, pr = _round16(pooled, ROUND, INTERP)
+        rs_acc = _dot_acc(pr16, sel_s, rs_acc, INTERP)
+        if edge_tile:  # past P the pooled values are not zero: returned (as ssum) to be taken
+            # back out of the sum. (A select on pr16 would unpack every pair, one on pooled is
+            # if-converted into every tile: both cost the hot loop ~2 instructions per element.)
+            # central keys >= P. (Written without `ownf == 0.0`, the same mask let the compiler
+            # hoist the select into every tile: 42 more hot-loop instructions, sm_90 SASS.)
+            past = (ownf == 0.0) & (t_idx >= HALF) & (t_idx < BN - HALF) & ~kmask
+            s_past = tl.sum(tl.where(past[None, :], pr, 0.0), 1)
+    else:
+        pr = _round(pooled, ROUND, INTERP)
     val = pr * c[:, None]
+    if ROWSUM_MMA:
+        ssum = s_past
+    else:
+        ssum = msum
     if EXACT:
         # Max and its row in one reduction: val >= 0, so its bit pattern orders like the value;
         # the low RBITS bits carry the row (a 2^(RBITS-23) relative truncation of the value, which
@@ -434,11 +498,11 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, edge_tile, band, bias_col, do_b
         bits = val.to(tl.int32, bitcast=True)
         packed = (bits & (-(1 << RBITS))) | r[:, None]
         colmax = tl.max(packed, 0)
-        ssum = tl.sum(pr * ownf[None, :], 1)
+        if not ROWSUM_MMA:
+            ssum = tl.sum(pr * ownf[None, :], 1)
     else:
         colmax = tl.max(val, 0)
-        ssum = msum
-    return unp, colmax, msum, ssum, bsum
+    return unp, colmax, msum, ssum, bsum, rs_acc
 
 
 @triton.jit(do_not_specialize=_PASS2_LENGTHS)
@@ -449,7 +513,7 @@ def _window_pass2(
     HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     ROUND: tl.constexpr, EXACT: tl.constexpr, SINGLE_RB: tl.constexpr, RBITS: tl.constexpr, CDT: tl.constexpr,
     KDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-    BS_POW2: tl.constexpr, OFF32: tl.constexpr, COLSUM_MMA: tl.constexpr,
+    BS_POW2: tl.constexpr, OFF32: tl.constexpr, COLSUM_MMA: tl.constexpr, ROWSUM_MMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hg = tl.program_id(1).to(tl.int64)  # (layer, KV head) pair
@@ -469,6 +533,12 @@ def _window_pass2(
         band16 = band.to(tl.float16)
     else:
         band16 = band
+    # ROWSUM_MMA: the row sums of the rounded probabilities (column 0) and pooled values (column 1)
+    # accumulate across the tiles in one [BR, 16] product accumulator
+    col16 = tl.arange(0, 16)
+    sel_m = tl.where(central[:, None] & (col16[None, :] == 0), 1.0, 0.0).to(band16.dtype)
+    sel_s = tl.where(central[:, None] & (col16[None, :] == 1), 1.0, 0.0).to(band16.dtype)
+    rs_acc = tl.zeros([BR, 16], tl.float32)
     row = ROW + hg * 4 * RP
     # This program's own partial row sums (EXACT): no atomics, so the totals, summed over the
     # programs in a fixed order by _window_sums, are the same on every run.
@@ -507,12 +577,14 @@ def _window_pass2(
         bias_col = (t >= bias_lo) & (t < bias_hi)
         do_bias = (t0 < bias_hi) & (t0 + BN > bias_lo)
         if SINGLE_RB:
-            unp, colmax, msum, ssum, bsum = _p2_rows(
-                q, mx, inv_l, c, r, k, kmask, ownf, edge_tile, band16, bias_col, do_bias, scale_log2,
-                HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP, COLSUM_MMA)
+            unp, colmax, msum, ssum, bsum, rs_acc = _p2_rows(
+                q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band16, bias_col, do_bias, scale_log2,
+                rs_acc, sel_m, sel_s,
+                HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP, COLSUM_MMA, ROWSUM_MMA)
             if EXACT:
-                m_acc += msum
-                s_acc += ssum
+                if not ROWSUM_MMA:
+                    m_acc += msum
+                s_acc += ssum  # ROWSUM_MMA: the last tile's pooled values past P, subtracted below
                 b_acc += bsum
         else:
             unp = tl.zeros([BN], tl.float32)
@@ -531,9 +603,10 @@ def _window_pass2(
                 mx = tl.load(row + r, mask=rmask, other=0.0)
                 inv_l = tl.load(row + RP + r, mask=rmask, other=0.0)
                 c = tl.load(row + 2 * RP + r, mask=rmask, other=0.0)
-                unp_b, colmax_b, msum, ssum, bsum = _p2_rows(
-                    q, mx, inv_l, c, r, k, kmask, ownf, edge_tile, band16, bias_col, do_bias, scale_log2,
-                    HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP, COLSUM_MMA)
+                unp_b, colmax_b, msum, ssum, bsum, _ = _p2_rows(
+                    q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band16, bias_col, do_bias, scale_log2,
+                    rs_acc, sel_m, sel_s,
+                    HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP, COLSUM_MMA, False)
                 unp += unp_b
                 colmax = tl.maximum(colmax, colmax_b)
                 if EXACT:
@@ -554,6 +627,9 @@ def _window_pass2(
 
     if SINGLE_RB:
         if EXACT:
+            if ROWSUM_MMA:
+                m_acc = tl.sum(tl.where(col16[None, :] == 0, rs_acc, 0.0), 1)
+                s_acc = tl.sum(tl.where(col16[None, :] == 1, rs_acc, 0.0), 1) - s_acc
             tl.store(sums + r, m_acc, mask=rmask)
             tl.store(sums + RP + r, s_acc, mask=rmask)
             tl.store(sums + 2 * RP + r, b_acc, mask=rmask)
@@ -783,6 +859,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         HALF=half, KPOOL=pool_kernel, BR=br, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, SINGLE_RB=nrb == 1,
         RBITS=rbits, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp,
         BS_POW2=bs_pow2, OFF32=off32, COLSUM_MMA=bool(cfg["p2_colsum_mma"]) and rnd > 0,
+        ROWSUM_MMA=bool(cfg["p2_rowsum_mma"]) and rnd > 0 and nrb == 1,
         num_warps=_warps(br, cfg["p2_warps"]), num_stages=cfg["p2_stages"],
         **_maxnreg(cfg["p2_maxnreg"]),
     )

@@ -25,7 +25,7 @@ def test_every_kernel_compiles_for_sm90():
     lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
     for name in KERNELS:
         assert any(ln.startswith(name) for ln in lines), f"{name} missing:\n{out.stdout}"
-    # every compile reported its registers; the scoring passes their hot loop (3 probability types
-    # and the tensor-core column sums for pass 2, two shapes)
+    # every compile reported its registers; the scoring passes their hot loop (pass 2: 3 probability
+    # types and each tensor-core sum the other way round, two shapes)
     assert all(" REG:" in ln for ln in lines), out.stdout
-    assert sum(ln.startswith("_window_pass2") and "hot loop" in ln for ln in lines) == 8, out.stdout
+    assert sum(ln.startswith("_window_pass2") and "hot loop" in ln for ln in lines) == 10, out.stdout

@@ -43,9 +43,13 @@ def check_stats(got, ref, probs_dtype, fix_bias=False, keep_frac=0.2):
         # token's max is picked with pass 1's unrounded row scale, then its value is recomputed
         # with the exact rounded sums; rows tied within that scale's error, as every row is when
         # the prefix has a handful of tokens, may give the other row's value: within r_max.)
+        # A probability one fp32 ulp off (the interpreter's exp2 is NumPy's, whose accuracy
+        # depends on the CPU's vector ISA: AVX2 and AVX-512 builds differ) can round to the other
+        # 16-bit neighbour and move the few pooled values around it: some tokens may disagree, up
+        # to 1%, or two such flips (10 tokens) in a short prompt.
         if b.shape[1] >= 64:
-            close = ((a - b).abs() <= 1e-4 * b.abs() + 1e-9).float().mean().item()
-            assert close >= 0.99, f"{name}: only {close:.4f} of the tokens agree to 1e-4"
+            off = int(((a - b).abs() > 1e-4 * b.abs() + 1e-9).sum())
+            assert off <= max(0.01 * b.numel(), 10), f"{name}: {off} of {b.numel()} tokens differ by over 1e-4"
     bias = float(got.window_bias)
     assert math.isclose(bias, ref.window_bias, rel_tol=r_bias, abs_tol=1e-7), (bias, ref.window_bias)
     # identical keep sets wherever the reference's scores are not tied (within 1e-4) at the cut
@@ -144,16 +148,44 @@ def test_pass1_small_tiles(kdev, monkeypatch, hq, hkv, d, bs, n, w, dtype, probs
 
 
 @pytest.mark.interp
+@pytest.mark.parametrize("colsum,rowsum", [(1, 0), (0, 1), (1, 1), (0, 0)])
 @pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,pool,layout,split_len,fix_bias",
                          [SMALL[0], SMALL[2], SMALL[3], SMALL[5], SMALL[6]])
-def test_pass2_column_sums_on_tensor_cores(kdev, monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout,
-                                           split_len, fix_bias):
-    """`p2_colsum_mma` (pass 2's unpooled column sums as a product with a ones matrix; off until
-    timed on a GPU) gives the same statistics with 16-bit probabilities."""
+def test_pass2_sums_on_tensor_cores(kdev, monkeypatch, colsum, rowsum, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool,
+                                    layout, split_len, fix_bias):
+    """Pass 2's sums either way: the unpooled column sums (`p2_colsum_mma`) and the exact row sums
+    (`p2_rowsum_mma`, whose last tile takes its pooled values past P back out) as products on the
+    tensor cores, or as reductions. Each gives the reference's statistics with 16-bit
+    probabilities (a row sum off by more than 1e-4 moves every score of its row)."""
     from vllm_defensive.triton_kernels import _scoring
 
-    monkeypatch.setitem(_scoring.CONFIG, "p2_colsum_mma", 1)
+    cfg = _scoring._cfg
+    monkeypatch.setattr(_scoring, "_cfg", lambda d: {**cfg(d), "p2_colsum_mma": colsum, "p2_rowsum_mma": rowsum})
     run_case(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed=n + 3)
+
+
+@pytest.mark.parametrize("probs_dtype,bits", [(BF16, 8), (FP16, 11)])
+def test_pool_division_by_multiply(probs_dtype, bits):
+    """Pass 2 divides the pooled sums by 5 as a product with 0.2f: rounded to probs_dtype, that is
+    the IEEE quotient's rounding for every float32 x (`_div_pool`'s argument). The hard cases are
+    the rounding midpoints m of probs_dtype (x = 5m exactly: both must tie to even) and their
+    neighbours a few ulps away; random x for the rest."""
+    exps = torch.arange(-60, 1, dtype=torch.float64)
+    k = torch.arange(2 ** (bits - 1), 2 ** bits, dtype=torch.float64)  # significands of one binade
+    mids = ((k[None, :] + 0.5) * torch.exp2(exps[:, None] - (bits - 1))).flatten()
+    x = (5 * mids).to(torch.float32)
+    assert torch.equal(x.double(), 5 * mids)  # exact: 5m has at most bits + 4 significant bits
+    xi = x.view(torch.int32)
+    near = torch.cat([(xi + j).view(torch.float32) for j in range(-4, 5)])
+    gen = torch.Generator().manual_seed(0)
+    rand = torch.exp2(torch.rand(2_000_000, generator=gen) * -60) * 5
+    for xs in (near, rand):
+        by_mul = (xs * torch.tensor(0.2, dtype=torch.float32)).to(probs_dtype)
+        by_div = (xs / torch.tensor(5.0, dtype=torch.float32)).to(probs_dtype)
+        assert torch.equal(by_mul.float(), by_div.float())
+    # and the fp32 quotients themselves do differ (so the test could fail): ~1/8 of random x
+    q_mul = rand * torch.tensor(0.2, dtype=torch.float32)
+    assert (q_mul != rand / torch.tensor(5.0, dtype=torch.float32)).float().mean() > 0.01
 
 
 @pytest.mark.interp

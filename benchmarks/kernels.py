@@ -518,9 +518,10 @@ def bench_compaction(name, shp, n, ceil, keep=0.2):
 # sweeps, on earlier designs: results/kernels/sweep_run2.json (H100), h200_2026-12-01/kernels.json,
 # h200_2026-12-02/sweep.json.
 SWEEP_P1 = [{"p1_bn": 128}, {"p1_stages": 4}, {"p1_maxnreg": 0}]
-SWEEP_P2 = [{"p2_colsum_mma": 1}, {"p2_bn": 64}, {"p2_bn": 64, "p2_warps": 8}, {"p2_stages": 3}, {"p2_maxnreg": 0},
-            {"p2_programs_per_sm": 4}, {"p2_programs_per_sm": 8}, {"p2_programs_per_sm": 12}]
-SWEEP_BR = {"qwen05b": [{"br": 64}, {"br": 128}], "llama8b": []}
+SWEEP_P2 = [{"p2_colsum_mma": 1}, {"p2_rowsum_mma": 0}, {"p2_rowsum_mma": 1}, {"p2_bn": 64}, {"p2_stages": 3},
+            {"p2_maxnreg": 0}, {"p2_programs_per_sm": 4}, {"p2_programs_per_sm": 12}]
+SWEEP_BR = {"qwen05b": [{"br": 256, "p1_warps": 8, "p2_warps": 8, "p2_programs_per_sm": 4}, {"br": 64}],
+            "llama8b": [{"p2_br": 64}]}
 
 
 def sweep(ceil, n=32768, shapes=None):
@@ -790,7 +791,7 @@ def resources():
         d, g = shp["d"], shp["hq"] // shp["hkv"]
         c = _scoring._cfg(d)
         br = _scoring._row_block(g * WINDOW, c)
-        rp = -(-g * WINDOW // br) * br
+        rp = max(-(-g * WINDOW // br) * br, -(-g * WINDOW // (c["p2_br"] or br)) * (c["p2_br"] or br))
         ptrs = {"Q": "*bf16", "KPTRS": "*i64", "BT": "*i32"}
         common = dict(HALF=2, KPOOL=5, BR=br, BD=d, CDT=tl.bfloat16, KDT=tl.bfloat16, ALIGNED=True, DOT_PREC="tf32",
                       INTERP=False, BS_POW2=True, OFF32=True)
@@ -798,26 +799,27 @@ def resources():
         comp(_scoring._window_pass1, dict(ptrs, PART="*fp32"), dict(common, BN=c["p1_bn"]),
              dict(num_warps=w1, num_stages=c["p1_stages"], **_scoring._maxnreg(c["p1_maxnreg"])),
              br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}")
-        w2 = _scoring._warps(br, c["p2_warps"])
-        t2 = dict(ptrs, ROW="*fp32", DMAX="*fp32", UNP="*fp32", PSUMS="*fp32", PACKED="*i32")
+        br2 = int(c["p2_br"]) or br
+        w2 = _scoring._warps(br2, c["p2_warps"])
+        t2 = dict(ptrs, ROW="*fp32", PACKED="*i32", UNP="*fp32", PSUMS="*fp32")
         # (probs, p2_colsum_mma, p2_rowsum_mma): the defaults, then each product path the other way
-        rs = bool(c["p2_rowsum_mma"]) and rp == br
+        rs = bool(c["p2_rowsum_mma"])
         cs = bool(c["p2_colsum_mma"])
         for rnd, mma, rsum in ((1, cs, rs), (1, not cs, rs), (1, cs, not rs), (2, cs, rs), (0, False, False)):
-            comp(_scoring._window_pass2, t2, dict(common, BN=c["p2_bn"], ROUND=rnd, EXACT=rnd > 0,
-                                                  SINGLE_RB=rp == br, RBITS=max(1, (rp - 1).bit_length()),
-                                                  COLSUM_MMA=mma, ROWSUM_MMA=rsum and rp == br),
+            comp(_scoring._window_pass2, t2, dict(common, BR=br2, BN=c["p2_bn"], ROUND=rnd, EXACT=rnd > 0,
+                                                  RBITS=max(1, (rp - 1).bit_length()), COLSUM_MMA=mma,
+                                                  ROWSUM_MMA=rsum),
                  dict(num_warps=w2, num_stages=c["p2_stages"], **_scoring._maxnreg(c["p2_maxnreg"])),
-                 br * c["p2_bn"] / (32 * w2),
-                 f"{name} BR={br} BN={c['p2_bn']} probs {PROBS[rnd]}{' colsum mma' if mma else ''}"
-                 f"{' rowsum mma' if rsum and rp == br else ''}")
+                 br2 * c["p2_bn"] / (32 * w2),
+                 f"{name} BR={br2} BN={c['p2_bn']} probs {PROBS[rnd]}{' colsum mma' if mma else ''}"
+                 f"{' rowsum mma' if rsum else ''}")
         # the small kernels around the passes: compiled too (a GPU-only compile error shows here)
         comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32"}, dict(BR=br, BS=max(2, 2048 // br)),
              dict(num_warps=4), label=name)
         comp(_scoring._window_sums, {"PSUMS": "*fp32", "SUMS": "*fp32"}, dict(BR=br), dict(num_warps=4), label=name)
         for rnd in (1, 2, 0):
-            comp(_scoring._window_fixup, {n: "*fp32" for n in ("DMAX", "SNAP", "UNP", "ROW", "SUMS", "BIAS",
-                                                                "bias_src_off")} | {"PACKED": "*i32"},
+            comp(_scoring._window_fixup, {n: "*fp32" for n in ("DMAX", "SNAP", "UNP", "UNPP", "ROW", "SUMS", "BIAS",
+                                                                "bias_src_off")} | {"PACKEDP": "*i32"},
                  dict(HALF=2, KPOOL=5, BN=256, BRB=min(128, br), RBITS=max(1, (rp - 1).bit_length()), ROUND=rnd,
                       DO_FIX=rnd > 0, INTERP=False), dict(num_warps=4), label=f"{name} probs {PROBS[rnd]}")
         v = _value_norm.CONFIG

@@ -78,6 +78,7 @@ CONFIG = {
     "p2_stages": 2,
     "p2_programs_per_sm": 2,  # pass-2 programs (each a run of tiles) per SM
     "br": 0,  # rows per block (0 = choose from the group size)
+    "p2_br": 0,  # pass 2's rows per program (0 = br); a group's row blocks run as parallel programs
     "p1_maxnreg": 0,  # register cap per thread (0: the compiler's choice)
     "p2_maxnreg": 0,
     "p2_progs": 0,  # pass-2 programs per (layer, KV head) pair (0: from p2_programs_per_sm)
@@ -85,15 +86,18 @@ CONFIG = {
     "p2_rowsum_mma": 1,  # pass 2's exact row sums on the tensor cores (16-bit probabilities, one row block)
 }
 # Per head-dim overrides of CONFIG: the best of the H200 runs on the layered path at 32K
-# (benchmarks/results/kernels/h200_2026-12-01b/; the 2026-12-02 sweep found nothing better). Both
-# passes were latency-bound at two resident programs per SM (ncu: ~38% of issue slots used, 2
-# warps per scheduler, register-limited), so capping registers for more resident programs wins
-# even with a few spills: d = 128 pass 1 at 168 registers (3 programs per SM), pass 2 on 32-key
-# tiles at 128 (4 per SM); the program counts follow so that the grids fill whole waves.
+# (benchmarks/results/kernels/h200_2026-12-01b/, h200_2026-12-02/, h200_2026-12-02b/). Both passes
+# are latency-bound (ncu: 40-60% of issue slots used at 2-4 warps per scheduler), so capping
+# registers for more resident programs wins even with a few spills: d = 128 pass 1 at 168
+# registers (3 programs per SM), pass 2 on 32-key tiles at 128 (4 per SM). Qwen's d = 64 group
+# (7 x 32 = 224 window rows) runs as two 128-row blocks of 4 warps in both passes, pass 2's as
+# parallel programs (2026-12-02b: 0.92 -> 0.85 ms against one 256-row block on 8 warps). The
+# program counts follow so that the grids fill whole waves.
 CONFIG_BY_HEAD_DIM: dict[int, dict] = {
     128: {"p1_warps": 4, "p1_maxnreg": 168, "p1_programs_per_sm": 6,
           "p2_bn": 32, "p2_maxnreg": 128, "p2_programs_per_sm": 8, "p2_rowsum_mma": 0},
-    64: {"p1_bn": 64, "p1_maxnreg": 128, "p2_bn": 32, "p2_maxnreg": 128, "p2_programs_per_sm": 4},
+    64: {"p1_bn": 64, "p1_maxnreg": 128, "p2_bn": 32, "p2_maxnreg": 128, "br": 128, "p1_warps": 4,
+         "p1_programs_per_sm": 8, "p2_warps": 4, "p2_programs_per_sm": 8},
 }
 
 
@@ -258,7 +262,7 @@ def _div_pool(x, KPOOL: tl.constexpr, ROUND: tl.constexpr):
 # specialised: they are fixed per model and drive vectorised loads.
 # block_size too: the dense entry points (`window_stats` on [Hkv, L, d] keys) pass one block of L.
 _PASS1_LENGTHS = ["L", "P", "bias_lo", "bias_hi", "split_len", "num_splits", "block_size", "bs_shift"]
-_PASS2_LENGTHS = ["P", "num_row_blocks", "tiles_per_prog", "num_progs", "bias_lo", "bias_hi", "block_size",
+_PASS2_LENGTHS = ["P", "num_row_blocks", "part_stride", "tiles_per_prog", "num_progs", "bias_lo", "bias_hi", "block_size",
                   "bs_shift"]
 
 
@@ -507,15 +511,19 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band, bias_co
 
 @triton.jit(do_not_specialize=_PASS2_LENGTHS)
 def _window_pass2(
-    Q, KPTRS, BT, ROW, DMAX, UNP, PSUMS, PACKED,
+    Q, KPTRS, BT, ROW, PACKED, UNP, PSUMS,
     sqh, sqw, sqd, skb, skt, skh, skd, block_size, bs_shift, HKV,
-    P, W, G, R, RP, HEAD_D, num_row_blocks, tiles_per_prog, num_progs, scale_log2, inv_rows, bias_lo, bias_hi,
+    P, W, G, R, RP, HEAD_D, num_row_blocks, part_stride, tiles_per_prog, num_progs, scale_log2, inv_rows,
+    bias_lo, bias_hi,
     HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    ROUND: tl.constexpr, EXACT: tl.constexpr, SINGLE_RB: tl.constexpr, RBITS: tl.constexpr, CDT: tl.constexpr,
+    ROUND: tl.constexpr, EXACT: tl.constexpr, RBITS: tl.constexpr, CDT: tl.constexpr,
     KDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BS_POW2: tl.constexpr, OFF32: tl.constexpr, COLSUM_MMA: tl.constexpr, ROWSUM_MMA: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # program (row block rb, run of tiles pid) of a (layer, KV head) pair; the row blocks of one run
+    # are neighbours in launch order, so they read the same key tiles at about the same time (L2)
+    rb = tl.program_id(0) % num_row_blocks
+    pid = tl.program_id(0) // num_row_blocks
     hg = tl.program_id(1).to(tl.int64)  # (layer, KV head) pair
     K, h = _layer_keys(KPTRS, hg, HKV, KDT, ALIGNED)
     STEP: tl.constexpr = BN - 2 * HALF  # outputs per tile; tiles overlap by the pooling halo
@@ -540,30 +548,23 @@ def _window_pass2(
     sel_s = tl.where(central[:, None] & (col16[None, :] == 1), 1.0, 0.0).to(band16.dtype)
     rs_acc = tl.zeros([BR, 16], tl.float32)
     row = ROW + hg * 4 * RP
-    # This program's own partial row sums (EXACT): no atomics, so the totals, summed over the
-    # programs in a fixed order by _window_sums, are the same on every run.
-    sums = PSUMS + (hg * num_progs + pid) * 3 * RP
-    if EXACT and not SINGLE_RB:
-        for rb in range(num_row_blocks):
-            r0 = rb * BR + tl.arange(0, BR)
-            zero = tl.zeros([BR], tl.float32)
-            tl.store(sums + r0, zero, mask=r0 < R)
-            tl.store(sums + RP + r0, zero, mask=r0 < R)
-            tl.store(sums + 2 * RP + r0, zero, mask=r0 < R)
-    if SINGLE_RB:  # the whole group fits one row block: load the queries and row stats once
-        r = tl.arange(0, BR)
-        rmask = r < R
-        g = r // W
-        i = r % W
-        qh = (hg * G + g).to(tl.int64)
-        q = tl.load(Q + qh[:, None] * sqh + i[:, None] * sqw + dd[None, :] * sqd,
-                    mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
-        mx = tl.load(row + r, mask=rmask, other=0.0)
-        inv_l = tl.load(row + RP + r, mask=rmask, other=0.0)
-        c = tl.load(row + 2 * RP + r, mask=rmask, other=0.0)
-        m_acc = tl.zeros([BR], tl.float32)
-        s_acc = tl.zeros([BR], tl.float32)
-        b_acc = tl.zeros([BR], tl.float32)
+    # The queries and row statistics of this program's rows, loaded once
+    r = rb * BR + tl.arange(0, BR)
+    rmask = r < R
+    g = r // W
+    i = r % W
+    qh = (hg * G + g).to(tl.int64)
+    q = tl.load(Q + qh[:, None] * sqh + i[:, None] * sqw + dd[None, :] * sqd,
+                mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
+    mx = tl.load(row + r, mask=rmask, other=0.0)
+    inv_l = tl.load(row + RP + r, mask=rmask, other=0.0)
+    c = tl.load(row + 2 * RP + r, mask=rmask, other=0.0)
+    m_acc = tl.zeros([BR], tl.float32)
+    s_acc = tl.zeros([BR], tl.float32)
+    b_acc = tl.zeros([BR], tl.float32)
+    # this row block's share of the column outputs (the fixup merges the row blocks)
+    packed_out = PACKED + rb * part_stride
+    unp_out = UNP + rb * part_stride
 
     for jt in range(jt0, jt1):
         t0 = jt * STEP - HALF  # first key of the tile (may be negative: zero padding)
@@ -576,63 +577,32 @@ def _window_pass2(
                            BS_POW2, OFF32).to(CDT)
         bias_col = (t >= bias_lo) & (t < bias_hi)
         do_bias = (t0 < bias_hi) & (t0 + BN > bias_lo)
-        if SINGLE_RB:
-            unp, colmax, msum, ssum, bsum, rs_acc = _p2_rows(
-                q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band16, bias_col, do_bias, scale_log2,
-                rs_acc, sel_m, sel_s,
-                HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP, COLSUM_MMA, ROWSUM_MMA)
-            if EXACT:
-                if not ROWSUM_MMA:
-                    m_acc += msum
-                s_acc += ssum  # ROWSUM_MMA: the last tile's pooled values past P, subtracted below
-                b_acc += bsum
-        else:
-            unp = tl.zeros([BN], tl.float32)
-            if EXACT:
-                colmax = tl.zeros([BN], tl.int32)
-            else:
-                colmax = tl.zeros([BN], tl.float32)
-            for rb in range(num_row_blocks):
-                r = rb * BR + tl.arange(0, BR)
-                rmask = r < R
-                g = r // W
-                i = r % W
-                qh = (hg * G + g).to(tl.int64)
-                q = tl.load(Q + qh[:, None] * sqh + i[:, None] * sqw + dd[None, :] * sqd,
-                            mask=rmask[:, None] & dmask[None, :], other=0.0).to(CDT)
-                mx = tl.load(row + r, mask=rmask, other=0.0)
-                inv_l = tl.load(row + RP + r, mask=rmask, other=0.0)
-                c = tl.load(row + 2 * RP + r, mask=rmask, other=0.0)
-                unp_b, colmax_b, msum, ssum, bsum, _ = _p2_rows(
-                    q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band16, bias_col, do_bias, scale_log2,
-                    rs_acc, sel_m, sel_s,
-                    HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP, COLSUM_MMA, False)
-                unp += unp_b
-                colmax = tl.maximum(colmax, colmax_b)
-                if EXACT:
-                    # read-modify-write of rows only this program touches; the barrier orders it
-                    # after the previous tile's write of the same rows by other threads
-                    tl.debug_barrier()
-                    tl.store(sums + r, tl.load(sums + r, mask=rmask, other=0.0) + msum, mask=rmask)
-                    tl.store(sums + RP + r, tl.load(sums + RP + r, mask=rmask, other=0.0) + ssum, mask=rmask)
-                    if do_bias:
-                        tl.store(sums + 2 * RP + r, tl.load(sums + 2 * RP + r, mask=rmask, other=0.0) + bsum,
-                                 mask=rmask)
+        unp, colmax, msum, ssum, bsum, rs_acc = _p2_rows(
+            q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band16, bias_col, do_bias, scale_log2,
+            rs_acc, sel_m, sel_s,
+            HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP, COLSUM_MMA, ROWSUM_MMA)
+        if EXACT:
+            if not ROWSUM_MMA:
+                m_acc += msum
+            s_acc += ssum  # ROWSUM_MMA: the last tile's pooled values past P, subtracted below
+            b_acc += bsum
         out = hg * P + t
         if EXACT:
-            tl.store(PACKED + out, colmax, mask=omask)  # turned into the max by the fixup kernel
+            tl.store(packed_out + out, colmax, mask=omask)  # turned into the max by the fixup kernel
         else:
-            tl.store(DMAX + out, colmax, mask=omask)
-        tl.store(UNP + out, unp * inv_rows, mask=omask)
+            tl.store(packed_out + out, colmax.to(tl.int32, bitcast=True), mask=omask)
+        tl.store(unp_out + out, unp * inv_rows, mask=omask)
 
-    if SINGLE_RB:
-        if EXACT:
-            if ROWSUM_MMA:
-                m_acc = tl.sum(tl.where(col16[None, :] == 0, rs_acc, 0.0), 1)
-                s_acc = tl.sum(tl.where(col16[None, :] == 1, rs_acc, 0.0), 1) - s_acc
-            tl.store(sums + r, m_acc, mask=rmask)
-            tl.store(sums + RP + r, s_acc, mask=rmask)
-            tl.store(sums + 2 * RP + r, b_acc, mask=rmask)
+    if EXACT:
+        if ROWSUM_MMA:
+            m_acc = tl.sum(tl.where(col16[None, :] == 0, rs_acc, 0.0), 1)
+            s_acc = tl.sum(tl.where(col16[None, :] == 1, rs_acc, 0.0), 1) - s_acc
+        # This program's own partial row sums: no atomics, so the totals, summed over the programs
+        # in a fixed order by _window_sums, are the same on every run.
+        sums = PSUMS + (hg * num_progs + pid) * 3 * RP
+        tl.store(sums + r, m_acc, mask=rmask)
+        tl.store(sums + RP + r, s_acc, mask=rmask)
+        tl.store(sums + 2 * RP + r, b_acc, mask=rmask)
 
 
 @triton.jit(do_not_specialize=["num_progs"])
@@ -649,26 +619,37 @@ def _window_sums(PSUMS, SUMS, R, RP, num_progs, BR: tl.constexpr):
         tl.store(SUMS + (hg * 3 + k) * RP + r, acc, mask=rmask)
 
 
-@triton.jit(do_not_specialize=["P"])
-def _window_fixup(DMAX, SNAP, UNP, PACKED, ROW, SUMS, BIAS, P, R, RP, HKV, bias_src_stride, bias_src_off,
+@triton.jit(do_not_specialize=["P", "part_stride"])
+def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV, NRB, part_stride, bias_src_stride,
+                  bias_src_off,
                   HALF: tl.constexpr, KPOOL: tl.constexpr, BN: tl.constexpr, BRB: tl.constexpr,
                   RBITS: tl.constexpr, ROUND: tl.constexpr, DO_FIX: tl.constexpr, INTERP: tl.constexpr):
-    """Defensive max with the exact rounded-row sums (pooled / (S + eps) * m, as the reference);
-    SnapKV's pooled mean, which is the pooled unpooled mean (pooling is linear: done here on
-    pass 2's output, off pass 2's hot loop); the window bias of each layer: the mean over its (KV
-    head, row)s of their bias-column mass."""
+    """Merges pass 2's row blocks (NRB shares of the column outputs: the max, and the unpooled mean
+    added in row-block order) and finishes: the defensive max with the exact rounded-row sums
+    (pooled / (S + eps) * m, as the reference); SnapKV's pooled mean, which is the pooled unpooled
+    mean (pooling is linear: done here, off pass 2's hot loop); the window bias of each layer: the
+    mean over its (KV head, row)s of their bias-column mass."""
     jt = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     t = jt * BN + tl.arange(0, BN)
     tmask = t < P
     out = h * P + t
+    u = tl.zeros([BN], tl.float32)
+    packed = tl.zeros([BN], tl.int32)  # values >= 0: their bits order like them
+    for b in range(NRB):
+        u += tl.load(UNPP + b * part_stride + out, mask=tmask, other=0.0)
+        packed = tl.maximum(packed, tl.load(PACKEDP + b * part_stride + out, mask=tmask, other=0))
+    tl.store(UNP + out, u, mask=tmask)
     win = tl.zeros([BN], tl.float32)
     for k in tl.static_range(2 * HALF + 1):  # zero padding outside [0, P), count_include_pad
         tk = t + (k - HALF)
-        win += tl.load(UNP + h * P + tk, mask=tmask & (tk >= 0) & (tk < P), other=0.0)
+        km = tmask & (tk >= 0) & (tk < P)
+        uk = tl.zeros([BN], tl.float32)
+        for b in range(NRB):
+            uk += tl.load(UNPP + b * part_stride + h * P + tk, mask=km, other=0.0)
+        win += uk
     tl.store(SNAP + out, _div_const(win, KPOOL), mask=tmask)
     if DO_FIX:
-        packed = tl.load(PACKED + out, mask=tmask, other=0)
         rr = packed & ((1 << RBITS) - 1)
         val = (packed & (-(1 << RBITS))).to(tl.float32, bitcast=True)
         ok = tmask & (val > 0)
@@ -677,6 +658,8 @@ def _window_fixup(DMAX, SNAP, UNP, PACKED, ROW, SUMS, BIAS, P, R, RP, HKV, bias_
         m = tl.load(SUMS + h * 3 * RP + rr, mask=ok, other=0.0)
         s = tl.load(SUMS + h * 3 * RP + RP + rr, mask=ok, other=1.0)
         tl.store(DMAX + out, tl.where(ok, pooled / (s + 1e-12) * m, 0.0), mask=tmask)
+    else:
+        tl.store(DMAX + out, packed.to(tl.float32, bitcast=True), mask=tmask)
     if (jt == 0) & (h % HKV == 0):
         acc = tl.zeros([BRB], tl.float32)
         for hh in range(HKV):
@@ -691,9 +674,9 @@ def _next_pow2(x: int) -> int:
 
 
 def _row_block(rows: int, cfg: dict) -> int:
-    """Window rows (group x window) per block: the whole group in one block up to 256 rows (Qwen's
-    7 x 32 = 224 as one block of 256 on 8 warps: every key tile is then read once per pass, against
-    four times with blocks of 64, the H100-era choice; 1.6x faster on the H200), else blocks of 64."""
+    """Window rows (group x window) per block: `br` where configured (Qwen's shape: 128), else the
+    whole group in one block up to 256 rows (every key tile then read once per program: four
+    times fewer reads than blocks of 64, the H100-era choice), else blocks of 64."""
     if cfg["br"]:
         return int(cfg["br"])
     if rows <= 256:
@@ -791,7 +774,9 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     cfg = _cfg(d)
     br = _row_block(rows, cfg)
     nrb = triton.cdiv(rows, br)
-    rp = nrb * br
+    br2 = int(cfg["p2_br"]) or br  # pass 2's rows per program (its row blocks run in parallel)
+    nrb2 = triton.cdiv(rows, br2)
+    rp = max(nrb * br, nrb2 * br2)
     rnd = _ROUND[probs_dtype]
     exact = rnd > 0
     if fix_window_bias:
@@ -812,7 +797,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         bn2 = _next_pow2(8 * half)  # keep the tile overlap (2 * half keys) a small fraction
     n_tiles = triton.cdiv(p, bn2 - 2 * half)
     rbits = max(1, (rp - 1).bit_length())  # row index of the max, padded rows included
-    progs = max(1, cfg["p2_programs_per_sm"] * sms // pairs) if dev.type == "cuda" else 2
+    progs = max(1, cfg["p2_programs_per_sm"] * sms // (pairs * nrb2)) if dev.type == "cuda" else 2
     if dev.type == "cuda":  # (the interpreter keeps 2: the tests exercise the partials' merge)
         # at least MIN_TILES tiles a program: one layer on few KV heads would otherwise get
         # hundreds of programs per pair, whose exact-sum partials `_window_sums` adds one by one
@@ -828,13 +813,15 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     # Every part starts 128-byte aligned: Triton specialises pointer arguments on 16-byte alignment,
     # so unpadded parts after a [pairs, P] one made the alignment of the next follow P's parity (a
     # fresh compile inside an engine step for a prompt of the other parity, seen on the GPU).
+    # (pass 2 writes one share of the column outputs per row block, the fixup merges them)
+    pstride = -(-pairs * p // 32) * 32
     sizes = [pairs * nsplit * 5 * rp, pairs * 4 * rp, pairs * 3 * rp, psize, pairs * p, pairs * p, pairs * p,
-             pairs * p, lyr]
+             nrb2 * pstride, nrb2 * pstride, lyr]
     padded = [-(-x // 32) * 32 for x in sizes]
     ws = torch.empty(sum(padded), dtype=torch.float32, device=dev)
-    part, rowstats, sums, psums, dmax, snap, unp, packed, bias = (
+    part, rowstats, sums, psums, dmax, snap, unp, unpp, packedp, bias = (
         x[:n_] for x, n_ in zip(ws.split(padded), sizes))
-    packed = packed.view(torch.int32)
+    packedp = packedp.view(torch.int32)
     kptrs = pointer_table([c.data_ptr() for c in key_caches], dev)
     aligned = aligned16(key_caches)
     kstrides = (kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3))
@@ -852,15 +839,14 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     )
     # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range)
     _window_combine[(nrb, pairs)](part, rowstats, rows, rp, nsplit, BR=br, BS=max(2, 2048 // br), num_warps=4)
-    _window_pass2[(nprog, pairs)](
-        q, kptrs, block_table, rowstats, dmax, unp, psums, packed,
+    _window_pass2[(nrb2 * nprog, pairs)](
+        q, kptrs, block_table, rowstats, packedp, unpp, psums,
         q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
-        p, w, g, rows, rp, d, nrb, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
-        HALF=half, KPOOL=pool_kernel, BR=br, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, SINGLE_RB=nrb == 1,
-        RBITS=rbits, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp,
+        p, w, g, rows, rp, d, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
+        HALF=half, KPOOL=pool_kernel, BR=br2, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, RBITS=rbits, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp,
         BS_POW2=bs_pow2, OFF32=off32, COLSUM_MMA=bool(cfg["p2_colsum_mma"]) and rnd > 0,
-        ROWSUM_MMA=bool(cfg["p2_rowsum_mma"]) and rnd > 0 and nrb == 1,
-        num_warps=_warps(br, cfg["p2_warps"]), num_stages=cfg["p2_stages"],
+        ROWSUM_MMA=bool(cfg["p2_rowsum_mma"]) and rnd > 0,
+        num_warps=_warps(br2, cfg["p2_warps"]), num_stages=cfg["p2_stages"],
         **_maxnreg(cfg["p2_maxnreg"]),
     )
     if exact:
@@ -871,7 +857,8 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         bias_src, bias_stride, bias_off = rowstats, 4 * rp, 3 * rp
     fix_bn = 256
     _window_fixup[(triton.cdiv(p, fix_bn), pairs)](
-        dmax, snap, unp, packed, rowstats, sums, bias, p, rows, rp, hkv, bias_stride, bias_src[bias_off:],
+        dmax, snap, unp, unpp, packedp, rowstats, sums, bias, p, rows, rp, hkv, nrb2, pstride, bias_stride,
+        bias_src[bias_off:],
         HALF=half, KPOOL=pool_kernel, BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd,
         DO_FIX=exact, INTERP=interp, num_warps=4,
     )

@@ -164,6 +164,22 @@ def test_pass2_sums_on_tensor_cores(kdev, monkeypatch, colsum, rowsum, hq, hkv, 
     run_case(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed=n + 3)
 
 
+@pytest.mark.interp
+@pytest.mark.parametrize("p2_br", [16, 32])
+@pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,pool,layout,split_len,fix_bias",
+                         [SMALL[0], SMALL[1], SMALL[3], SMALL[4], SMALL[5]])
+def test_pass2_row_blocks_in_parallel(kdev, monkeypatch, p2_br, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool,
+                                      layout, split_len, fix_bias):
+    """Pass 2 with a KV head's window rows split over several programs (`p2_br`): each writes its
+    share of the column max and unpooled sums and the fixup merges them. The row that attains a
+    token's max must survive the merge (its exact sums rescale the value)."""
+    from vllm_defensive.triton_kernels import _scoring
+
+    cfg = _scoring._cfg
+    monkeypatch.setattr(_scoring, "_cfg", lambda d: {**cfg(d), "p2_br": p2_br})
+    run_case(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed=n + 5)
+
+
 @pytest.mark.parametrize("probs_dtype,bits", [(BF16, 8), (FP16, 11)])
 def test_pool_division_by_multiply(probs_dtype, bits):
     """Pass 2 divides the pooled sums by 5 as a product with 0.2f: rounded to probs_dtype, that is

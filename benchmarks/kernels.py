@@ -821,7 +821,8 @@ def resources():
             comp(_scoring._window_fixup, {n: "*fp32" for n in ("DMAX", "SNAP", "UNP", "UNPP", "ROW", "SUMS", "BIAS",
                                                                 "bias_src_off")} | {"PACKEDP": "*i32"},
                  dict(HALF=2, KPOOL=5, BN=256, BRB=min(128, br), RBITS=max(1, (rp - 1).bit_length()), ROUND=rnd,
-                      DO_FIX=rnd > 0, INTERP=False), dict(num_warps=4), label=f"{name} probs {PROBS[rnd]}")
+                      DO_FIX=rnd > 0, INTERP=False, MERGE=(c["p2_br"] or br) < g * WINDOW), dict(num_warps=4),
+                 label=f"{name} probs {PROBS[rnd]}")
         v = _value_norm.CONFIG
         comp(_value_norm._value_norm_kernel, {"VPTRS": "*i64", "BT": "*i32", "WPTRS": "*i64", "OUT": "*fp32"},
              dict(BTK=v["bt"], BO=v["bo"], BD=d, CDT=tl.bfloat16, VDT=tl.bfloat16, WDT=tl.bfloat16, ALIGNED=True,

@@ -623,7 +623,8 @@ def _window_sums(PSUMS, SUMS, R, RP, num_progs, BR: tl.constexpr):
 def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV, NRB, part_stride, bias_src_stride,
                   bias_src_off,
                   HALF: tl.constexpr, KPOOL: tl.constexpr, BN: tl.constexpr, BRB: tl.constexpr,
-                  RBITS: tl.constexpr, ROUND: tl.constexpr, DO_FIX: tl.constexpr, INTERP: tl.constexpr):
+                  RBITS: tl.constexpr, ROUND: tl.constexpr, DO_FIX: tl.constexpr, INTERP: tl.constexpr,
+                  MERGE: tl.constexpr):
     """Merges pass 2's row blocks (NRB shares of the column outputs: the max, and the unpooled mean
     added in row-block order) and finishes: the defensive max with the exact rounded-row sums
     (pooled / (S + eps) * m, as the reference); SnapKV's pooled mean, which is the pooled unpooled
@@ -639,7 +640,8 @@ def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV
     for b in range(NRB):
         u += tl.load(UNPP + b * part_stride + out, mask=tmask, other=0.0)
         packed = tl.maximum(packed, tl.load(PACKEDP + b * part_stride + out, mask=tmask, other=0))
-    tl.store(UNP + out, u, mask=tmask)
+    if MERGE:  # (one row block: pass 2 wrote the unpooled mean itself, UNPP is UNP)
+        tl.store(UNP + out, u, mask=tmask)
     win = tl.zeros([BN], tl.float32)
     for k in tl.static_range(2 * HALF + 1):  # zero padding outside [0, P), count_include_pad
         tk = t + (k - HALF)
@@ -814,14 +816,17 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     # so unpadded parts after a [pairs, P] one made the alignment of the next follow P's parity (a
     # fresh compile inside an engine step for a prompt of the other parity, seen on the GPU).
     # (pass 2 writes one share of the column outputs per row block, the fixup merges them)
+    # (one row block: its share is the unpooled mean itself, no second buffer)
     pstride = -(-pairs * p // 32) * 32
     sizes = [pairs * nsplit * 5 * rp, pairs * 4 * rp, pairs * 3 * rp, psize, pairs * p, pairs * p, pairs * p,
-             nrb2 * pstride, nrb2 * pstride, lyr]
+             nrb2 * pstride if nrb2 > 1 else 0, nrb2 * pstride, lyr]
     padded = [-(-x // 32) * 32 for x in sizes]
     ws = torch.empty(sum(padded), dtype=torch.float32, device=dev)
     part, rowstats, sums, psums, dmax, snap, unp, unpp, packedp, bias = (
         x[:n_] for x, n_ in zip(ws.split(padded), sizes))
     packedp = packedp.view(torch.int32)
+    if nrb2 == 1:
+        unpp = unp
     kptrs = pointer_table([c.data_ptr() for c in key_caches], dev)
     aligned = aligned16(key_caches)
     kstrides = (kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3))
@@ -860,6 +865,6 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         dmax, snap, unp, unpp, packedp, rowstats, sums, bias, p, rows, rp, hkv, nrb2, pstride, bias_stride,
         bias_src[bias_off:],
         HALF=half, KPOOL=pool_kernel, BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd,
-        DO_FIX=exact, INTERP=interp, num_warps=4,
+        DO_FIX=exact, INTERP=interp, MERGE=nrb2 > 1, num_warps=4,
     )
     return WindowStats(dmax.view(lyr, hkv, p), snap.view(lyr, hkv, p), unp.view(lyr, hkv, p), bias)

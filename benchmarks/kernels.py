@@ -516,7 +516,7 @@ def bench_compaction(name, shp, n, ceil, keep=0.2):
 
 # One change at a time around the tuned per-head-dim defaults (_scoring.CONFIG_BY_HEAD_DIM). Earlier
 # sweeps, on earlier designs: results/kernels/sweep_run2.json (H100), h200_2026-12-01/kernels.json,
-# h200_2026-12-02/sweep.json.
+# h200_2026-12-02/sweep.json, h200_2026-12-02b/sweep*.json (benchmarks/scoring_variants.py).
 SWEEP_P1 = [{"p1_bn": 128}, {"p1_stages": 4}, {"p1_maxnreg": 0}]
 SWEEP_P2 = [{"p2_colsum_mma": 1}, {"p2_rowsum_mma": 0}, {"p2_rowsum_mma": 1}, {"p2_bn": 64}, {"p2_stages": 3},
             {"p2_maxnreg": 0}, {"p2_programs_per_sm": 4}, {"p2_programs_per_sm": 12}]

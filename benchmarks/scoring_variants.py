@@ -1,0 +1,67 @@
+"""Time scoring configurations on the layered path (every layer of a request, CUDA-graph device
+time) with the per-kernel split, one change of the tuned per-head-dim defaults at a time:
+
+    python benchmarks/scoring_variants.py [--tokens 32768] [shape ...]   # writes $OUT/variants.json
+    TRITON_INTERPRET=1 python benchmarks/scoring_variants.py --dry-cpu --tokens 100 qwen05b  # CPU check
+
+The 2026-12-02b records (results/kernels/h200_2026-12-02b/sweep*.json) came from this script with
+the VARIANTS of that pass; edit VARIANTS for the next one."""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernels as B  # noqa: E402
+import torch  # noqa: E402
+
+from vllm_defensive.triton_kernels import _scoring  # noqa: E402
+
+VARIANTS = {
+    "qwen05b": [{}, {"p2_bn": 64, "p2_maxnreg": 255, "p2_programs_per_sm": 4}, {"p2_colsum_mma": 1},
+                {"p1_bn": 32, "p1_maxnreg": 80, "p1_programs_per_sm": 12}],
+    "llama8b": [{}, {"p2_rowsum_mma": 1}, {"p2_colsum_mma": 1}],
+}
+
+
+def main():
+    import vllm_defensive.triton_kernels as tk
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("shapes", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--dry-cpu", action="store_true", help="test this script on the CPU (TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    if args.dry_cpu:
+        B.DEV = "cpu"
+    out = []
+    for name in args.shapes:
+        shp = B.SHAPES[name]
+        d = shp["d"]
+        tuned = dict(_scoring.CONFIG_BY_HEAD_DIM.get(d, {}))
+        for var in VARIANTS[name]:
+            _scoring.CONFIG_BY_HEAD_DIM[d] = {**tuned, **var}
+            t0 = time.time()
+            try:
+                rec = {"shape": name, "config": var, "graph_ms": B.bench_scoring_layers_graph(shp, args.tokens)}
+                q, keys, table = B.layered_inputs(shp, args.tokens)
+                rec["kernels"] = B.kernel_breakdown(
+                    lambda i=0: tk.paged_window_stats_layers(q, keys, table, args.tokens, probs_dtype=torch.bfloat16))
+                del q, keys
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except Exception as e:  # a configuration can fail to compile (shared memory)
+                rec = {"shape": name, "config": var, "error": repr(e)[:400]}
+            rec["wall_s"] = time.time() - t0
+            out.append(rec)
+            print(json.dumps(rec), flush=True)
+        _scoring.CONFIG_BY_HEAD_DIM[d] = tuned
+    dest = os.environ.get("OUT", ".")
+    os.makedirs(dest, exist_ok=True)
+    with open(os.path.join(dest, "variants.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name() if B.DEV == "cuda" else "cpu", "versions": B.versions(), "tokens": args.tokens, "records": out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,17 +14,20 @@ pass 1   grid (row blocks, key splits, Hkv). Each program streams its split of t
          (keys < P), the pooled-row-sum deficit at the prefix edges and the window-bias columns.
 combine  grid (row blocks, Hkv): merges the splits into per-row (max, 1/sum, pooling scale c,
          bias mass) and zeroes the exact-sum accumulators of pass 2.
-pass 2   grid (programs, Hkv), each program walking a contiguous run of prefix tiles (so the
-         next tile's keys load while this one computes, and the window queries are loaded once
-         when the group's rows fit one block). Tiles of BN keys overlap by pool_kernel//2 keys on
-         each side and own their BN - 2*(pool_kernel//2) central keys, so pooling needs no
-         separate halo. Per tile: the probabilities of every window row of the KV head's group;
-         pooling along the key axis as a product with a banded 0/1 matrix on the tensor cores;
-         rescaling each row by c; reductions over rows: max (defensive) and mean of the unpooled
-         rows (stage 1). One read of the keys (plus the 2*(pool_kernel//2)/BN overlap).
-fixup    rescales the defensive max with the exact rounded-row sums (below), pools the unpooled
-         mean into SnapKV's pooled mean (pooling is linear; in pass 2 it cost 4% of the hot loop)
-         and writes the window bias (mean over rows), so no host-side reduction or sync is needed.
+pass 2   grid (row blocks x programs, Hkv), each program taking one block of the group's window
+         rows (queries and row statistics loaded once) over a contiguous run of prefix tiles (so
+         the next tile's keys load while this one computes); a group's row blocks are neighbours
+         in launch order, so they read the same key tiles from L2. Tiles of BN keys overlap by
+         pool_kernel//2 keys on each side and own their BN - 2*(pool_kernel//2) central keys, so
+         pooling needs no separate halo. Per tile: the probabilities of the block's rows; pooling
+         along the key axis as a product with a banded 0/1 matrix on the tensor cores; rescaling
+         each row by c; reductions over the block's rows: max (defensive) and sum of the unpooled
+         rows (stage 1), written as the block's share. One read of the keys per row block (plus
+         the 2*(pool_kernel//2)/BN overlap).
+fixup    merges the row blocks' shares (max; sums in row-block order), rescales the defensive max
+         with the exact rounded-row sums (below), pools the unpooled mean into SnapKV's pooled mean
+         (pooling is linear; in pass 2 it cost 4% of the hot loop) and writes the window bias (mean
+         over rows), so no host-side reduction or sync is needed.
 
 Mass-preserving pooling in closed form: with zero padding and count_include_pad, the pooled row
 sums to S = sum_t a_t * cnt(t) / K where cnt(t) = #{outputs j in [0, P) whose window covers t}
@@ -37,7 +40,8 @@ pooling, and pooling casts back to it): pass 2 rounds each probability and each 
 nearest-even like torch. The reference's m and S are then sums of ROUNDED values, which pass 1
 cannot know; pass 2 accumulates them exactly (per-program partial sums per row, which
 `_window_sums` adds in a fixed order: no atomics, so every run gives the same bits, and so does
-the keep set) and records, per token, which row gave the max (packed into the low bits of the max
+the keep set; with `p2_rowsum_mma` they accumulate on the tensor cores, whose fp32 additions
+truncate: a relative error of order 1e-7 per tile) and records, per token, which row gave the max (packed into the low bits of the max
 itself), and the fixup kernel recomputes that row's pooled / (S + eps) * m with the exact sums:
 the reference's formula, up to float32 summation order. The row is chosen with pass 1's unrounded
 scale, so where two rows tie within that scale's error (under one ulp of probs_dtype) the value

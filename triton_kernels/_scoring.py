@@ -485,11 +485,12 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band, bias_co
         t_idx = tl.arange(0, BN)
         pr16, pr = _round16(pooled, ROUND, INTERP)
         rs_acc = _dot_acc(pr16, sel_s, rs_acc, INTERP)
-        if edge_tile:  # past P the pooled values are not zero: returned (as ssum) to be taken
-            # back out of the sum. (A select on pr16 would unpack every pair, one on pooled is
-            # if-converted into every tile: both cost the hot loop ~2 instructions per element.)
-            # central keys >= P. (Written without `ownf == 0.0`, the same mask let the compiler
-            # hoist the select into every tile: 42 more hot-loop instructions, sm_90 SASS.)
+        if edge_tile:
+            # The central keys >= P pool to nonzero values: their sum is returned (as ssum) to be
+            # taken back out of the row sums. Masking pr16 instead would unpack every pair, masking
+            # pooled gets if-converted into every tile (~2 hot-loop instructions per element
+            # either way), and so does this mask written without its redundant `ownf == 0.0`
+            # (42 more hot-loop instructions in the sm_90 SASS).
             past = (ownf == 0.0) & (t_idx >= HALF) & (t_idx < BN - HALF) & ~kmask
             s_past = tl.sum(tl.where(past[None, :], pr, 0.0), 1)
     else:

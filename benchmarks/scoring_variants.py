@@ -5,7 +5,7 @@ time) with the per-kernel split, one change of the tuned per-head-dim defaults a
     TRITON_INTERPRET=1 python benchmarks/scoring_variants.py --dry-cpu --tokens 100 qwen05b  # CPU check
 
 The 2026-12-02b records (results/kernels/h200_2026-12-02b/sweep*.json) came from this script with
-the VARIANTS of that pass; edit VARIANTS for the next one."""
+the VARIANTS of that pass (the last set is below); edit VARIANTS for the next one."""
 import argparse
 import json
 import os
@@ -19,9 +19,10 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    "qwen05b": [{}, {"p2_bn": 64, "p2_maxnreg": 255, "p2_programs_per_sm": 4}, {"p2_colsum_mma": 1},
-                {"p1_bn": 32, "p1_maxnreg": 80, "p1_programs_per_sm": 12}],
-    "llama8b": [{}, {"p2_rowsum_mma": 1}, {"p2_colsum_mma": 1}],
+    "qwen05b": [{}, {"p2_maxnreg": 168, "p2_programs_per_sm": 6}, {"p1_maxnreg": 168, "p1_programs_per_sm": 6},
+                {"p2_maxnreg": 168, "p2_programs_per_sm": 6, "p1_maxnreg": 168, "p1_programs_per_sm": 6},
+                {"p2_colsum_mma": 1, "p2_maxnreg": 168, "p2_programs_per_sm": 6}],
+    "llama8b": [{}],
 }
 
 

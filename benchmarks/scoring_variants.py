@@ -61,7 +61,8 @@ def main():
     dest = os.environ.get("OUT", ".")
     os.makedirs(dest, exist_ok=True)
     with open(os.path.join(dest, "variants.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name() if B.DEV == "cuda" else "cpu", "versions": B.versions(), "tokens": args.tokens, "records": out}, f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name() if B.DEV == "cuda" else "cpu", "versions": B.versions(),
+                   "tokens": args.tokens, "records": out}, f, indent=1)
 
 
 if __name__ == "__main__":

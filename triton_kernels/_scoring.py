@@ -41,9 +41,9 @@ nearest-even like torch. The reference's m and S are then sums of ROUNDED values
 cannot know; pass 2 accumulates them exactly (per-program partial sums per row, which
 `_window_sums` adds in a fixed order: no atomics, so every run gives the same bits, and so does
 the keep set; with `p2_rowsum_mma` they accumulate on the tensor cores, whose fp32 additions
-truncate: a relative error of order 1e-7 per tile) and records, per token, which row gave the max (packed into the low bits of the max
-itself), and the fixup kernel recomputes that row's pooled / (S + eps) * m with the exact sums:
-the reference's formula, up to float32 summation order. The row is chosen with pass 1's unrounded
+truncate: a relative error of order 1e-7 per tile) and records, per token, which row gave the
+max (packed into the low bits of the max itself), and the fixup kernel recomputes that row's
+pooled / (S + eps) * m with the exact sums: the reference's formula, up to float32 summation order. The row is chosen with pass 1's unrounded
 scale, so where two rows tie within that scale's error (under one ulp of probs_dtype) the value
 may be the other row's. The official window bias is likewise the exact sum of rounded
 probabilities; the fixed variant (`fix_window_bias`) is computed from the unrounded ones.
@@ -266,8 +266,8 @@ def _div_pool(x, KPOOL: tl.constexpr, ROUND: tl.constexpr):
 # specialised: they are fixed per model and drive vectorised loads.
 # block_size too: the dense entry points (`window_stats` on [Hkv, L, d] keys) pass one block of L.
 _PASS1_LENGTHS = ["L", "P", "bias_lo", "bias_hi", "split_len", "num_splits", "block_size", "bs_shift"]
-_PASS2_LENGTHS = ["P", "num_row_blocks", "part_stride", "tiles_per_prog", "num_progs", "bias_lo", "bias_hi", "block_size",
-                  "bs_shift"]
+_PASS2_LENGTHS = ["P", "num_row_blocks", "part_stride", "tiles_per_prog", "num_progs", "bias_lo", "bias_hi",
+                  "block_size", "bs_shift"]
 
 
 @triton.jit
@@ -640,12 +640,13 @@ def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV
     t = jt * BN + tl.arange(0, BN)
     tmask = t < P
     out = h * P + t
-    u = tl.zeros([BN], tl.float32)
     packed = tl.zeros([BN], tl.int32)  # values >= 0: their bits order like them
     for b in range(NRB):
-        u += tl.load(UNPP + b * part_stride + out, mask=tmask, other=0.0)
         packed = tl.maximum(packed, tl.load(PACKEDP + b * part_stride + out, mask=tmask, other=0))
     if MERGE:  # (one row block: pass 2 wrote the unpooled mean itself, UNPP is UNP)
+        u = tl.zeros([BN], tl.float32)
+        for b in range(NRB):
+            u += tl.load(UNPP + b * part_stride + out, mask=tmask, other=0.0)
         tl.store(UNP + out, u, mask=tmask)
     win = tl.zeros([BN], tl.float32)
     for k in tl.static_range(2 * HALF + 1):  # zero padding outside [0, P), count_include_pad
@@ -815,13 +816,12 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     nprog = triton.cdiv(n_tiles, tiles_per_prog)
 
     # one workspace: pass-1 partials | row stats | exact sums | their per-program partials | dmax |
-    # snap | unp | packed max | bias
+    # snap | unp | pass 2's row-block shares of unp (none with one row block: unp is its share) and
+    # of the packed max | bias
     psize = pairs * nprog * 3 * rp if exact else 0
     # Every part starts 128-byte aligned: Triton specialises pointer arguments on 16-byte alignment,
     # so unpadded parts after a [pairs, P] one made the alignment of the next follow P's parity (a
     # fresh compile inside an engine step for a prompt of the other parity, seen on the GPU).
-    # (pass 2 writes one share of the column outputs per row block, the fixup merges them)
-    # (one row block: its share is the unpooled mean itself, no second buffer)
     pstride = -(-pairs * p // 32) * 32
     sizes = [pairs * nsplit * 5 * rp, pairs * 4 * rp, pairs * 3 * rp, psize, pairs * p, pairs * p, pairs * p,
              nrb2 * pstride if nrb2 > 1 else 0, nrb2 * pstride, lyr]
@@ -853,7 +853,8 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         q, kptrs, block_table, rowstats, packedp, unpp, psums,
         q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
         p, w, g, rows, rp, d, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
-        HALF=half, KPOOL=pool_kernel, BR=br2, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, RBITS=rbits, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp,
+        HALF=half, KPOOL=pool_kernel, BR=br2, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, RBITS=rbits, CDT=_TL[cdt],
+        KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp,
         BS_POW2=bs_pow2, OFF32=off32, COLSUM_MMA=bool(cfg["p2_colsum_mma"]) and rnd > 0,
         ROWSUM_MMA=bool(cfg["p2_rowsum_mma"]) and rnd > 0,
         num_warps=_warps(br2, cfg["p2_warps"]), num_stages=cfg["p2_stages"],

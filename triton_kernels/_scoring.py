@@ -45,8 +45,9 @@ truncate: a relative error of order 1e-7 per tile) and records, per token, which
 max (packed into the low bits of the max itself), and the fixup kernel recomputes that row's
 pooled / (S + eps) * m with the exact sums: the reference's formula, up to float32 summation
 order. The row is chosen with pass 1's unrounded scale, so where two rows tie within that scale's
-error (under one ulp of probs_dtype) the value may be the other row's. The official window bias is likewise the exact sum of rounded
-probabilities; the fixed variant (`fix_window_bias`) is computed from the unrounded ones.
+error (under one ulp of probs_dtype) the value may be the other row's. The official window bias
+is likewise the exact sum of rounded probabilities; the fixed variant (`fix_window_bias`) is
+computed from the unrounded ones.
 
 Host cost: about 0.25-0.3 ms of Python/launch work per call (H100 and H200 machines; five Triton
 launches at ~50 us each in Triton's launcher, ~60 us of ours: cProfile in

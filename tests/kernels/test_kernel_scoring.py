@@ -147,6 +147,14 @@ def test_pass1_small_tiles(kdev, monkeypatch, hq, hkv, d, bs, n, w, dtype, probs
     run_case(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed=n + 1)
 
 
+def override_scoring_config(monkeypatch, **settings):
+    """Scoring settings over the tuned per-head-dim ones (which a CONFIG entry would not beat)."""
+    from vllm_defensive.triton_kernels import _scoring
+
+    cfg = _scoring._cfg
+    monkeypatch.setattr(_scoring, "_cfg", lambda d: {**cfg(d), **settings})
+
+
 @pytest.mark.interp
 @pytest.mark.parametrize("colsum,rowsum", [(1, 0), (0, 1), (1, 1), (0, 0)])
 @pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,pool,layout,split_len,fix_bias",
@@ -157,10 +165,7 @@ def test_pass2_sums_on_tensor_cores(kdev, monkeypatch, colsum, rowsum, hq, hkv, 
     (`p2_rowsum_mma`, whose last tile takes its pooled values past P back out) as products on the
     tensor cores, or as reductions. Each gives the reference's statistics with 16-bit
     probabilities (a row sum off by more than 1e-4 moves every score of its row)."""
-    from vllm_defensive.triton_kernels import _scoring
-
-    cfg = _scoring._cfg
-    monkeypatch.setattr(_scoring, "_cfg", lambda d: {**cfg(d), "p2_colsum_mma": colsum, "p2_rowsum_mma": rowsum})
+    override_scoring_config(monkeypatch, p2_colsum_mma=colsum, p2_rowsum_mma=rowsum)
     run_case(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed=n + 3)
 
 
@@ -173,10 +178,7 @@ def test_pass2_row_blocks_in_parallel(kdev, monkeypatch, p2_br, hq, hkv, d, bs, 
     """Pass 2 with a KV head's window rows split over several programs (`p2_br`): each writes its
     share of the column max and unpooled sums and the fixup merges them. The row that attains a
     token's max must survive the merge (its exact sums rescale the value)."""
-    from vllm_defensive.triton_kernels import _scoring
-
-    cfg = _scoring._cfg
-    monkeypatch.setattr(_scoring, "_cfg", lambda d: {**cfg(d), "p2_br": p2_br})
+    override_scoring_config(monkeypatch, p2_br=p2_br)
     run_case(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed=n + 5)
 
 

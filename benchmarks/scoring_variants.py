@@ -19,15 +19,10 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    "qwen05b": [{}, {"p2_transposed": 1, "p2_br": 64, "p2_bn": 64, "p2_maxnreg": 168, "p2_programs_per_sm": 6},
-                {"p2_transposed": 1, "p2_br": 64, "p2_bn": 64, "p2_maxnreg": 128, "p2_programs_per_sm": 8},
-                {"p2_transposed": 1, "p2_br": 32, "p2_bn": 64, "p2_maxnreg": 128, "p2_programs_per_sm": 8},
-                {"p2_transposed": 1, "p2_br": 64, "p2_bn": 64, "p2_maxnreg": 0, "p2_programs_per_sm": 4},
-                {"p2_transposed": 1, "p2_br": 32, "p2_bn": 128, "p2_maxnreg": 168, "p2_programs_per_sm": 6},
-                {"p2_transposed": 1, "p2_br": 64, "p2_bn": 64, "p2_maxnreg": 168, "p2_programs_per_sm": 6,
-                 "p2_band_smem": 0}],
-    "llama8b": [{}, {"p2_transposed": 1, "p2_br": 64, "p2_bn": 64, "p2_maxnreg": 168, "p2_programs_per_sm": 6},
-                {"p2_transposed": 1, "p2_br": 32, "p2_bn": 64, "p2_maxnreg": 128, "p2_programs_per_sm": 8}],
+    "qwen05b": [{}, {"p2_maxnreg": 168, "p2_programs_per_sm": 6}, {"p1_maxnreg": 168, "p1_programs_per_sm": 6},
+                {"p2_maxnreg": 168, "p2_programs_per_sm": 6, "p1_maxnreg": 168, "p1_programs_per_sm": 6},
+                {"p2_colsum_mma": 1, "p2_maxnreg": 168, "p2_programs_per_sm": 6}],
+    "llama8b": [{}],
 }
 
 

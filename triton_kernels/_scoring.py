@@ -89,8 +89,6 @@ CONFIG = {
     "p2_progs": 0,  # pass-2 programs per (layer, KV head) pair (0: from p2_programs_per_sm)
     "p2_colsum_mma": 0,  # pass 2's unpooled column sums on the tensor cores (H200: +1% Qwen, +13% Llama: off)
     "p2_rowsum_mma": 1,  # pass 2's exact row sums on the tensor cores (16-bit probabilities, one row block)
-    "p2_transposed": 0,  # pass 2 with keys as the product's M axis (`_window_pass2_t`; 16-bit probabilities)
-    "p2_band_smem": 1,  # (transposed) the pooling band read from memory, so it stays in shared memory
 }
 # Per head-dim overrides of CONFIG: the best of the H200 runs on the layered path at 32K
 # (benchmarks/results/kernels/h200_2026-12-01b/, h200_2026-12-02/, h200_2026-12-02b/). Both passes
@@ -613,123 +611,6 @@ def _window_pass2(
         tl.store(sums + 2 * RP + r, b_acc, mask=rmask)
 
 
-@triton.jit
-def _p2t_tile(qT, mx, inv_l, c, r, k, kmask, omask, band, ones_col, sel_m, sel_s, rs_acc, bias_col, scale_log2,
-              KPOOL: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, ROUND: tl.constexpr, RBITS: tl.constexpr,
-              DOT_PREC: tl.constexpr, INTERP: tl.constexpr, EDGE: tl.constexpr):
-    """One key tile against one block of window rows, keys as the product's M axis ([BN, BR] tiles):
-    the reductions over window rows (column max, unpooled sum) stay inside a thread and its quad;
-    the ones over keys (the exact row sums) and the pooling run on the tensor cores. EDGE: a tile
-    with keys outside [0, P) or bias columns (compiled apart from the interior tiles' loop)."""
-    s = _dot(k, qT, DOT_PREC, INTERP)
-    p = tl.exp2(s * scale_log2 - mx[None, :]) * inv_l[None, :]
-    if EDGE:  # keys outside [0, P) pool as zeros
-        p = tl.where(kmask[:, None], p, 0.0)
-    p16 = _pack16(p, ROUND, INTERP)
-    # the unpooled sum over the block's rows: a product with a ones column (p16 is already the
-    # A operand's layout), then the one nonzero column
-    unp = tl.sum(_dot_acc(p16, ones_col, tl.zeros([BN, 16], tl.float32), INTERP), 1)
-    rs_acc = _dot_acc(sel_m, p16, rs_acc, INTERP)  # row 0: sum of the central keys' probabilities
-    pooled = _div_pool(_dot(band, p16, DOT_PREC, INTERP), KPOOL, ROUND)
-    pr16, pr = _round16(pooled, ROUND, INTERP)
-    bsum = tl.zeros([BR], tl.float32)
-    if EDGE:
-        # the central keys past P pool to nonzero values: only the own keys count in the row sums
-        sel_e = tl.where((tl.arange(0, 16)[:, None] == 1) & omask[None, :], 1.0, 0.0).to(sel_s.dtype)
-        rs_acc = _dot_acc(sel_e, pr16, rs_acc, INTERP)
-        bsum = tl.sum(tl.where((bias_col & omask)[:, None], p16.to(tl.float32), 0.0), 0)
-    else:
-        rs_acc = _dot_acc(sel_s, pr16, rs_acc, INTERP)
-    bits = (pr * c[None, :]).to(tl.int32, bitcast=True)
-    colmax = tl.max((bits & (-(1 << RBITS))) | r[None, :], 1)
-    return unp, colmax, rs_acc, bsum
-
-
-@triton.jit(do_not_specialize=_PASS2_LENGTHS)
-def _window_pass2_t(
-    Q, KPTRS, BT, ROW, PACKED, UNP, PSUMS, BAND,
-    sqh, sqw, sqd, skb, skt, skh, skd, block_size, bs_shift, HKV,
-    P, W, G, R, RP, HEAD_D, num_row_blocks, part_stride, tiles_per_prog, num_progs, scale_log2, inv_rows,
-    bias_lo, bias_hi,
-    HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    ROUND: tl.constexpr, RBITS: tl.constexpr, CDT: tl.constexpr,
-    KDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-    BS_POW2: tl.constexpr, OFF32: tl.constexpr, BAND_SMEM: tl.constexpr,
-):
-    """Pass 2 with the keys as the product's M axis (rounded probabilities only): the same grid,
-    inputs and outputs as `_window_pass2`, with the row sums' partials exact as there."""
-    rb = tl.program_id(0) % num_row_blocks
-    pid = tl.program_id(0) // num_row_blocks
-    hg = tl.program_id(1).to(tl.int64)
-    K, h = _layer_keys(KPTRS, hg, HKV, KDT, ALIGNED)
-    STEP: tl.constexpr = BN - 2 * HALF
-    n_tiles = tl.cdiv(P, STEP)
-    jt0 = pid * tiles_per_prog
-    jt1 = tl.minimum(jt0 + tiles_per_prog, n_tiles)
-    dd = tl.arange(0, BD)
-    dmask = dd < HEAD_D
-    a_idx = tl.arange(0, BN)
-    central = (a_idx >= HALF) & (a_idx < BN - HALF)
-    PDT: tl.constexpr = tl.bfloat16 if ROUND == 1 else tl.float16
-    if BAND_SMEM:  # a loaded operand stays in shared memory (a built one takes registers)
-        band = tl.load(BAND + a_idx[:, None] * BN + a_idx[None, :])
-    else:
-        band = tl.where(tl.abs(a_idx[:, None] - a_idx[None, :]) <= HALF, 1.0, 0.0).to(PDT)
-    row16 = tl.arange(0, 16)
-    sel_m = tl.where((row16[:, None] == 0) & central[None, :], 1.0, 0.0).to(PDT)
-    sel_s = tl.where((row16[:, None] == 1) & central[None, :], 1.0, 0.0).to(PDT)
-    ones_col = tl.where(tl.arange(0, 16)[None, :] == 0, tl.full([BR, 16], 1.0, tl.float32), 0.0).to(PDT)
-    rs_acc = tl.zeros([16, BR], tl.float32)
-    row = ROW + hg * 4 * RP
-    r = rb * BR + tl.arange(0, BR)
-    rmask = r < R
-    g = r // W
-    i = r % W
-    qh = (hg * G + g).to(tl.int64)
-    qT = tl.load(Q + qh[None, :] * sqh + i[None, :] * sqw + dd[:, None] * sqd,
-                 mask=rmask[None, :] & dmask[:, None], other=0.0).to(CDT)
-    mx = tl.load(row + r, mask=rmask, other=0.0)
-    inv_l = tl.load(row + RP + r, mask=rmask, other=0.0)
-    c = tl.load(row + 2 * RP + r, mask=rmask, other=0.0)
-    b_acc = tl.zeros([BR], tl.float32)
-    packed_out = PACKED + rb * part_stride + hg * P
-    unp_out = UNP + rb * part_stride + hg * P
-    # interior tiles (every key in [0, P), no bias column) in a loop of their own, then the rest
-    e_end = tl.minimum(P, bias_lo)
-    int_lo = tl.maximum(jt0, (HALF + STEP - 1) // STEP)
-    int_hi = tl.minimum(jt1, tl.maximum(0, e_end - BN + HALF + STEP) // STEP)
-    for jt in range(int_lo, int_hi):
-        t = jt * STEP - HALF + a_idx
-        omask = central
-        k = _load_key_tile(K, BT, t, tl.full([BN], 1, tl.int1), h, dd, dmask, skb, skt, skh, skd, block_size,
-                           bs_shift, BS_POW2, OFF32).to(CDT)
-        unp, colmax, rs_acc, bsum = _p2t_tile(
-            qT, mx, inv_l, c, r, k, omask, omask, band, ones_col, sel_m, sel_s, rs_acc, omask, scale_log2,
-            KPOOL, BN, BR, ROUND, RBITS, DOT_PREC, INTERP, False)
-        tl.store(packed_out + t, colmax, mask=omask)
-        tl.store(unp_out + t, unp * inv_rows, mask=omask)
-    for jt in range(jt0, jt1):
-        if (jt < int_lo) | (jt >= int_hi):
-            t = jt * STEP - HALF + a_idx
-            kmask = (t >= 0) & (t < P)
-            omask = central & (t < P)
-            k = _load_key_tile(K, BT, t, kmask, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
-                               BS_POW2, OFF32).to(CDT)
-            bias_col = (t >= bias_lo) & (t < bias_hi)
-            unp, colmax, rs_acc, bsum = _p2t_tile(
-                qT, mx, inv_l, c, r, k, kmask, omask, band, ones_col, sel_m, sel_s, rs_acc, bias_col, scale_log2,
-                KPOOL, BN, BR, ROUND, RBITS, DOT_PREC, INTERP, True)
-            b_acc += bsum
-            tl.store(packed_out + t, colmax, mask=omask)
-            tl.store(unp_out + t, unp * inv_rows, mask=omask)
-    m_acc = tl.sum(tl.where(row16[:, None] == 0, rs_acc, 0.0), 0)
-    s_acc = tl.sum(tl.where(row16[:, None] == 1, rs_acc, 0.0), 0)
-    sums = PSUMS + (hg * num_progs + pid) * 3 * RP
-    tl.store(sums + r, m_acc, mask=rmask)
-    tl.store(sums + RP + r, s_acc, mask=rmask)
-    tl.store(sums + 2 * RP + r, b_acc, mask=rmask)
-
-
 @triton.jit(do_not_specialize=["num_progs"])
 def _window_sums(PSUMS, SUMS, R, RP, num_progs, BR: tl.constexpr):
     """Exact row sums: pass 2's per-program partials added in program order (deterministic)."""
@@ -820,24 +701,6 @@ def _warps(br: int, configured: int) -> int:
 
 def _maxnreg(n: int) -> dict:
     return {"maxnreg": int(n)} if n else {}
-
-
-_BANDS: dict[tuple, torch.Tensor] = {}
-
-
-def _band(bn: int, half: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The pooling band (|i - j| <= half) as a [bn, bn] 0/1 matrix in the probabilities' type.
-
-    Cached per device, except when built inside a CUDA-graph capture (its memory would then be
-    the graph's)."""
-    key = (bn, half, dtype, device)
-    band = _BANDS.get(key)
-    if band is None:
-        a = torch.arange(bn, device=device)
-        band = ((a[:, None] - a[None, :]).abs() <= half).to(dtype)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _BANDS[key] = band
-    return band
 
 
 def _addressing(cache: torch.Tensor) -> tuple[int, bool, bool]:
@@ -987,28 +850,17 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     )
     # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range)
     _window_combine[(nrb, pairs)](part, rowstats, rows, rp, nsplit, BR=br, BS=max(2, 2048 // br), num_warps=4)
-    if cfg["p2_transposed"] and rnd > 0:
-        _window_pass2_t[(nrb2 * nprog, pairs)](
-            q, kptrs, block_table, rowstats, packedp, unpp, psums, _band(bn2, half, probs_dtype, dev),
-            q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
-            p, w, g, rows, rp, d, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
-            HALF=half, KPOOL=pool_kernel, BR=br2, BN=bn2, BD=bd, ROUND=rnd, RBITS=rbits, CDT=_TL[cdt],
-            KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp, BS_POW2=bs_pow2, OFF32=off32,
-            BAND_SMEM=bool(cfg["p2_band_smem"]), num_warps=cfg["p2_warps"], num_stages=cfg["p2_stages"],
-            **_maxnreg(cfg["p2_maxnreg"]),
-        )
-    else:
-        _window_pass2[(nrb2 * nprog, pairs)](
-            q, kptrs, block_table, rowstats, packedp, unpp, psums,
-            q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
-            p, w, g, rows, rp, d, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
-            HALF=half, KPOOL=pool_kernel, BR=br2, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, RBITS=rbits, CDT=_TL[cdt],
-            KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp,
-            BS_POW2=bs_pow2, OFF32=off32, COLSUM_MMA=bool(cfg["p2_colsum_mma"]) and rnd > 0,
-            ROWSUM_MMA=bool(cfg["p2_rowsum_mma"]) and rnd > 0,
-            num_warps=_warps(br2, cfg["p2_warps"]), num_stages=cfg["p2_stages"],
-            **_maxnreg(cfg["p2_maxnreg"]),
-        )
+    _window_pass2[(nrb2 * nprog, pairs)](
+        q, kptrs, block_table, rowstats, packedp, unpp, psums,
+        q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
+        p, w, g, rows, rp, d, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
+        HALF=half, KPOOL=pool_kernel, BR=br2, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, RBITS=rbits, CDT=_TL[cdt],
+        KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp,
+        BS_POW2=bs_pow2, OFF32=off32, COLSUM_MMA=bool(cfg["p2_colsum_mma"]) and rnd > 0,
+        ROWSUM_MMA=bool(cfg["p2_rowsum_mma"]) and rnd > 0,
+        num_warps=_warps(br2, cfg["p2_warps"]), num_stages=cfg["p2_stages"],
+        **_maxnreg(cfg["p2_maxnreg"]),
+    )
     if exact:
         _window_sums[(nrb, pairs)](psums, sums, rows, rp, nprog, BR=br, num_warps=4)
     if exact and not fix_window_bias:  # exact sum of the rounded probabilities, as the reference

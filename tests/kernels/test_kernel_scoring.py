@@ -182,19 +182,6 @@ def test_pass2_row_blocks_in_parallel(kdev, monkeypatch, p2_br, hq, hkv, d, bs, 
     run_case(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed=n + 5)
 
 
-@pytest.mark.interp
-@pytest.mark.parametrize("p2_br,p2_bn", [(16, 32), (64, 64)])
-@pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,pool,layout,split_len,fix_bias",
-                         [SMALL[0], SMALL[2], SMALL[3], SMALL[5], SMALL[6]])
-def test_pass2_keys_as_product_rows(kdev, monkeypatch, p2_br, p2_bn, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool,
-                                    layout, split_len, fix_bias):
-    """The transposed pass 2 (`p2_transposed`: keys as the product's M axis, row sums and pooling
-    on the tensor cores, several row blocks merged by the fixup) gives the reference's statistics,
-    edge tiles, bias columns and P < tile included."""
-    override_scoring_config(monkeypatch, p2_transposed=1, p2_br=p2_br, p2_bn=p2_bn)
-    run_case(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed=n + 7)
-
-
 @pytest.mark.parametrize("probs_dtype,bits", [(BF16, 8), (FP16, 11)])
 def test_pool_division_by_multiply(probs_dtype, bits):
     """Pass 2 divides the pooled sums by 5 as a product with 0.2f: rounded to probs_dtype, that is
@@ -293,14 +280,4 @@ GPU = [
 @pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,layout", GPU)
 def test_window_stats_real_sizes(hq, hkv, d, bs, n, w, dtype, probs_dtype, layout):
     run_case(torch.device("cuda"), hq, hkv, d, bs, n, w, dtype, probs_dtype, 5, layout, None, False, seed=n)
-    torch.cuda.empty_cache()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("p2_br,p2_bn", [(32, 64), (64, 64)])
-@pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,layout", [GPU[0], GPU[2], GPU[3]])
-def test_pass2_keys_as_product_rows_real_sizes(monkeypatch, p2_br, p2_bn, hq, hkv, d, bs, n, w, dtype, probs_dtype,
-                                               layout):
-    override_scoring_config(monkeypatch, p2_transposed=1, p2_br=p2_br, p2_bn=p2_bn)
-    run_case(torch.device("cuda"), hq, hkv, d, bs, n, w, dtype, probs_dtype, 5, layout, None, False, seed=n + 1)
     torch.cuda.empty_cache()

@@ -19,10 +19,8 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    "qwen05b": [{}, {"p2_maxnreg": 168, "p2_programs_per_sm": 6}, {"p1_maxnreg": 168, "p1_programs_per_sm": 6},
-                {"p2_maxnreg": 168, "p2_programs_per_sm": 6, "p1_maxnreg": 168, "p1_programs_per_sm": 6},
-                {"p2_colsum_mma": 1, "p2_maxnreg": 168, "p2_programs_per_sm": 6}],
-    "llama8b": [{}],
+    "qwen05b": [{}, {"p2_programs_per_sm": 96}, {"p2_programs_per_sm": 128}, {"p2_programs_per_sm": 64, "p2_stages": 1},
+                {"p2_programs_per_sm": 64, "p2_maxnreg": 96}],
 }
 
 

@@ -91,18 +91,19 @@ CONFIG = {
     "p2_rowsum_mma": 1,  # pass 2's exact row sums on the tensor cores (16-bit probabilities, one row block)
 }
 # Per head-dim overrides of CONFIG: the best of the H200 runs on the layered path at 32K
-# (benchmarks/results/kernels/h200_2026-12-01b/, h200_2026-12-02/, h200_2026-12-02b/). Both passes
-# are latency-bound (ncu: 40-60% of issue slots used at 2-4 warps per scheduler), so capping
-# registers for more resident programs wins even with a few spills: d = 128 pass 1 at 168
+# (benchmarks/results/kernels/h200_2026-12-01b/, h200_2026-12-02/, h200_2026-12-02b/, h200_2026-12-02c/).
+# Both passes are latency-bound (ncu: 40-60% of issue slots used at 2-4 warps per scheduler), so
+# capping registers for more resident programs wins even with a few spills: d = 128 pass 1 at 168
 # registers (3 programs per SM), pass 2 on 32-key tiles at 128 (4 per SM). Qwen's d = 64 group
-# (7 x 32 = 224 window rows) runs as two 128-row blocks of 4 warps in both passes, pass 2's as
-# parallel programs (2026-12-02b: 0.92 -> 0.85 ms against one 256-row block on 8 warps). The
-# program counts follow so that the grids fill whole waves.
+# (7 x 32 = 224 window rows) runs pass 1 as two 128-row blocks of 4 warps, pass 2 as seven 32-row
+# programs of one warp each: no padded rows (224, not 256), no cross-warp reductions, no barriers
+# (2026-12-02c: pass 2 612 -> 528 us; all layers 0.84 -> 0.77 ms with the fixup merging the seven
+# row blocks once per key). The program counts follow so that the grids fill whole waves.
 CONFIG_BY_HEAD_DIM: dict[int, dict] = {
     128: {"p1_warps": 4, "p1_maxnreg": 168, "p1_programs_per_sm": 6,
           "p2_bn": 32, "p2_maxnreg": 128, "p2_programs_per_sm": 8, "p2_rowsum_mma": 0},
     64: {"p1_bn": 64, "p1_maxnreg": 128, "p2_bn": 32, "p2_maxnreg": 128, "br": 128, "p1_warps": 4,
-         "p1_programs_per_sm": 8, "p2_warps": 4, "p2_programs_per_sm": 8},
+         "p1_programs_per_sm": 8, "p2_br": 32, "p2_warps": 1, "p2_programs_per_sm": 64},
 }
 
 
@@ -638,25 +639,32 @@ def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV
     mean over its (KV head, row)s of their bias-column mass."""
     jt = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    t = jt * BN + tl.arange(0, BN)
-    tmask = t < P
+    a = tl.arange(0, BN)
+    if MERGE:
+        # Several row blocks: merge their unpooled means once per key over the program's window
+        # (its BN - 2*HALF outputs and the pooling halo), write the merged mean, then pool it from
+        # there: NRB + 2*HALF + 1 loads a token instead of NRB * (2*HALF + 2). Neighbouring
+        # programs write the same bits to the halo keys they share.
+        tw = jt * (BN - 2 * HALF) - HALF + a
+        wmask = (tw >= 0) & (tw < P)
+        u = tl.zeros([BN], tl.float32)
+        for b in range(NRB):
+            u += tl.load(UNPP + b * part_stride + h * P + tw, mask=wmask, other=0.0)
+        tl.store(UNP + h * P + tw, u, mask=wmask)
+        tl.debug_barrier()  # this program's stores are visible to all its threads past here
+        t = tw
+        tmask = wmask & (a >= HALF) & (a < BN - HALF)
+    else:  # one row block: pass 2 wrote the unpooled mean itself (UNPP is UNP)
+        t = jt * BN + a
+        tmask = t < P
     out = h * P + t
     packed = tl.zeros([BN], tl.int32)  # values >= 0: their bits order like them
     for b in range(NRB):
         packed = tl.maximum(packed, tl.load(PACKEDP + b * part_stride + out, mask=tmask, other=0))
-    if MERGE:  # (one row block: pass 2 wrote the unpooled mean itself, UNPP is UNP)
-        u = tl.zeros([BN], tl.float32)
-        for b in range(NRB):
-            u += tl.load(UNPP + b * part_stride + out, mask=tmask, other=0.0)
-        tl.store(UNP + out, u, mask=tmask)
     win = tl.zeros([BN], tl.float32)
     for k in tl.static_range(2 * HALF + 1):  # zero padding outside [0, P), count_include_pad
         tk = t + (k - HALF)
-        km = tmask & (tk >= 0) & (tk < P)
-        uk = tl.zeros([BN], tl.float32)
-        for b in range(NRB):
-            uk += tl.load(UNPP + b * part_stride + h * P + tk, mask=km, other=0.0)
-        win += uk
+        win += tl.load(UNP + h * P + tk, mask=tmask & (tk >= 0) & (tk < P), other=0.0)
     tl.store(SNAP + out, _div_const(win, KPOOL), mask=tmask)
     if DO_FIX:
         rr = packed & ((1 << RBITS) - 1)
@@ -868,7 +876,8 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     else:
         bias_src, bias_stride, bias_off = rowstats, 4 * rp, 3 * rp
     fix_bn = 256
-    _window_fixup[(triton.cdiv(p, fix_bn), pairs)](
+    fix_step = fix_bn - 2 * half if nrb2 > 1 else fix_bn  # (merging programs overlap by the halo)
+    _window_fixup[(triton.cdiv(p, fix_step), pairs)](
         dmax, snap, unp, unpp, packedp, rowstats, sums, bias, p, rows, rp, hkv, nrb2, pstride, bias_stride,
         bias_src[bias_off:],
         HALF=half, KPOOL=pool_kernel, BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd,

@@ -24,7 +24,9 @@ from vllm_defensive.triton_kernels import torch_impl  # noqa: E402
 def main():
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: set TRITON_INTERPRET=1
     gen = torch.Generator().manual_seed(0)
-    for hq, hkv, d, n, pd in ((8, 2, 128, 301, torch.bfloat16), (14, 2, 64, 333, None)):
+    # (Qwen's shape: seven pass-2 row blocks, merged by the fixup, with fp32 and 16-bit probabilities)
+    cases = ((8, 2, 128, 301, torch.bfloat16), (14, 2, 64, 333, None), (14, 2, 64, 333, torch.bfloat16))
+    for hq, hkv, d, n, pd in cases:
         q, k = attention_inputs(hq, hkv, 32, n, d, torch.bfloat16, dev, gen)
         cache, table = make_paged(k, 16, "FA", gen=gen)
         got = tk.paged_window_stats(q, cache, table, n, probs_dtype=pd)

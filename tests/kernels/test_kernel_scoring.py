@@ -182,6 +182,15 @@ def test_pass2_row_blocks_in_parallel(kdev, monkeypatch, p2_br, hq, hkv, d, bs, 
     run_case(kdev, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed=n + 5)
 
 
+@pytest.mark.interp
+@pytest.mark.parametrize("probs_dtype", [BF16, None])
+def test_fixup_merges_row_blocks_across_its_windows(kdev, probs_dtype):
+    """Qwen's shape with its tuned settings: seven 32-row pass-2 blocks, which the fixup merges once
+    per key over windows of 256 keys that overlap by the pooling halo; a prompt of three windows
+    checks the keys pooled across their edges."""
+    run_case(kdev, 14, 2, 64, 16, 700, 32, BF16, probs_dtype, 5, "NHD", None, False, seed=700)
+
+
 @pytest.mark.parametrize("probs_dtype,bits", [(BF16, 8), (FP16, 11)])
 def test_pool_division_by_multiply(probs_dtype, bits):
     """Pass 2 divides the pooled sums by 5 as a product with 0.2f: rounded to probs_dtype, that is

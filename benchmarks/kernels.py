@@ -795,7 +795,7 @@ def resources():
         ptrs = {"Q": "*bf16", "KPTRS": "*i64", "BT": "*i32"}
         common = dict(HALF=2, KPOOL=5, BR=br, BD=d, CDT=tl.bfloat16, KDT=tl.bfloat16, ALIGNED=True, DOT_PREC="tf32",
                       INTERP=False, BS_POW2=True, OFF32=True)
-        w1 = _scoring._warps(br, c["p1_warps"]) if br >= 128 else 4
+        w1 = _scoring._warps(br, c["p1_warps"]) if br >= 128 else min(4, c["p1_warps"])
         comp(_scoring._window_pass1, dict(ptrs, PART="*fp32"), dict(common, BN=c["p1_bn"]),
              dict(num_warps=w1, num_stages=c["p1_stages"], **_scoring._maxnreg(c["p1_maxnreg"])),
              br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}")
@@ -808,7 +808,7 @@ def resources():
         for rnd, mma, rsum in ((1, cs, rs), (1, not cs, rs), (1, cs, not rs), (2, cs, rs), (0, False, False)):
             comp(_scoring._window_pass2, t2, dict(common, BR=br2, BN=c["p2_bn"], ROUND=rnd, EXACT=rnd > 0,
                                                   RBITS=max(1, (rp - 1).bit_length()), COLSUM_MMA=mma,
-                                                  ROWSUM_MMA=rsum),
+                                                  ROWSUM_MMA=rsum, INTERIOR=bool(c["p2_interior_loop"])),
                  dict(num_warps=w2, num_stages=c["p2_stages"], **_scoring._maxnreg(c["p2_maxnreg"])),
                  br2 * c["p2_bn"] / (32 * w2),
                  f"{name} BR={br2} BN={c['p2_bn']} probs {PROBS[rnd]}{' colsum mma' if mma else ''}"

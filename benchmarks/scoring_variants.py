@@ -20,8 +20,9 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    "qwen05b": [{}, {"p2_programs_per_sm": 96}, {"p2_programs_per_sm": 128}, {"p2_programs_per_sm": 64, "p2_stages": 1},
-                {"p2_programs_per_sm": 64, "p2_maxnreg": 96}],
+    "qwen05b": [{}, {"p2_programs_per_sm": 48}, {"p2_maxnreg": 168}],
+    "llama8b": [{}, {"p2_interior_loop": 1}, {"p2_interior_loop": 1, "p2_programs_per_sm": 12},
+                {"p2_interior_loop": 1, "p2_maxnreg": 144, "p2_programs_per_sm": 6}],
 }
 
 

@@ -89,6 +89,7 @@ CONFIG = {
     "p2_progs": 0,  # pass-2 programs per (layer, KV head) pair (0: from p2_programs_per_sm)
     "p2_colsum_mma": 0,  # pass 2's unpooled column sums on the tensor cores (H200: +1% Qwen, +13% Llama: off)
     "p2_rowsum_mma": 1,  # pass 2's exact row sums on the tensor cores (16-bit probabilities, one row block)
+    "p2_interior_loop": 1,  # pass 2's interior tiles in a loop of their own, without the edge code
 }
 # Per head-dim overrides of CONFIG: the best of the H200 runs on the layered path at 32K
 # (benchmarks/results/kernels/h200_2026-12-01b/, h200_2026-12-02/, h200_2026-12-02b/, h200_2026-12-02c/).
@@ -101,7 +102,7 @@ CONFIG = {
 # row blocks once per key). The program counts follow so that the grids fill whole waves.
 CONFIG_BY_HEAD_DIM: dict[int, dict] = {
     128: {"p1_warps": 4, "p1_maxnreg": 168, "p1_programs_per_sm": 6,
-          "p2_bn": 32, "p2_maxnreg": 128, "p2_programs_per_sm": 8, "p2_rowsum_mma": 0},
+          "p2_bn": 32, "p2_maxnreg": 128, "p2_programs_per_sm": 8, "p2_rowsum_mma": 0, "p2_interior_loop": 0},
     64: {"p1_bn": 64, "p1_maxnreg": 128, "p2_bn": 32, "p2_maxnreg": 128, "br": 128, "p1_warps": 4,
          "p1_programs_per_sm": 8, "p2_br": 32, "p2_warps": 1, "p2_programs_per_sm": 64},
 }
@@ -432,7 +433,7 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band, bias_co
              rs_acc, sel_m, sel_s,
              HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, ROUND: tl.constexpr,
              EXACT: tl.constexpr, RBITS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-             COLSUM_MMA: tl.constexpr, ROWSUM_MMA: tl.constexpr):
+             COLSUM_MMA: tl.constexpr, ROWSUM_MMA: tl.constexpr, EDGES: tl.constexpr):
     """One block of window rows against one key tile (tile columns = keys t0 .. t0+BN-1, of which the
     central BN - 2*HALF are this tile's outputs: ownf = 1.0 there, 0.0 elsewhere). Padded rows have
     inv_l = c = 0, so they are zero.
@@ -442,15 +443,16 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band, bias_co
     [BR] vectors, or (ROWSUM_MMA) the first two added into rs_acc's columns 0 and 1 by products
     with sel_m / sel_s (the central keys' indicator in that column) on the tensor cores, which
     takes them off the elementwise path (an FMA per element each, and a shuffle tree per row and
-    tile)."""
+    tile). EDGES=False: an interior tile (see _p2_tile), compiled without the edge and bias code."""
     s = _dot(q, tl.trans(k), DOT_PREC, INTERP)
     # The scale rides in the exponent's FMA. 1/l stays a product: folded into the exponent as
     # log2(l) it would put every argument at |x| >= log2(l) (~17 at 128K keys), whose fp32 ulp
     # (2e-6) is 5x the error of this form on the tokens near the row max, the ones that matter;
     # measured: more probabilities rounded to the other bf16 neighbour than the reference.
     p = tl.exp2(s * scale_log2 - mx[:, None]) * inv_l[:, None]
-    if edge_tile:  # keys outside [0, P) pool as zeros (the reference pools the prefix alone)
-        p = tl.where(kmask[None, :], p, 0.0)
+    if EDGES:
+        if edge_tile:  # keys outside [0, P) pool as zeros (the reference pools the prefix alone)
+            p = tl.where(kmask[None, :], p, 0.0)
     if COLSUM_MMA and ROWSUM_MMA:
         # only the 16-bit probabilities are needed: no fp32 copy (a shift or mask per element)
         p16 = _pack16(p, ROUND, INTERP)
@@ -473,12 +475,14 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band, bias_co
     if ROWSUM_MMA:
         # keys outside [0, P) are zero in p, so the central keys' sum is the own keys' sum
         rs_acc = _dot_acc(p16, sel_m, rs_acc, INTERP)
-        if do_bias:  # the bias columns: a tile or two a pair, off the hot path
-            bsum = tl.sum(tl.where(bias_col[None, :], p.to(tl.float32) * ownf[None, :], 0.0), 1)
+        if EDGES:
+            if do_bias:  # the bias columns: a tile or two a pair, off the hot path
+                bsum = tl.sum(tl.where(bias_col[None, :], p.to(tl.float32) * ownf[None, :], 0.0), 1)
     elif EXACT:
         msum = tl.sum(p * ownf[None, :], 1)
-        if do_bias:
-            bsum = tl.sum(tl.where(bias_col[None, :], p * ownf[None, :], 0.0), 1)
+        if EDGES:
+            if do_bias:
+                bsum = tl.sum(tl.where(bias_col[None, :], p * ownf[None, :], 0.0), 1)
     if HALF > 0:
         pooled = _div_pool(_band_dot(p16, p, band, ROUND, INTERP), KPOOL, ROUND)
     else:
@@ -487,14 +491,15 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band, bias_co
         t_idx = tl.arange(0, BN)
         pr16, pr = _round16(pooled, ROUND, INTERP)
         rs_acc = _dot_acc(pr16, sel_s, rs_acc, INTERP)
-        if edge_tile:
-            # The central keys >= P pool to nonzero values: their sum is returned (as ssum) to be
-            # taken back out of the row sums. Masking pr16 instead would unpack every pair, masking
-            # pooled gets if-converted into every tile (~2 hot-loop instructions per element
-            # either way), and so does this mask written without its redundant `ownf == 0.0`
-            # (42 more hot-loop instructions in the sm_90 SASS).
-            past = (ownf == 0.0) & (t_idx >= HALF) & (t_idx < BN - HALF) & ~kmask
-            s_past = tl.sum(tl.where(past[None, :], pr, 0.0), 1)
+        if EDGES:
+            if edge_tile:
+                # The central keys >= P pool to nonzero values: their sum is returned (as ssum) to be
+                # taken back out of the row sums. Masking pr16 instead would unpack every pair, masking
+                # pooled gets if-converted into every tile (~2 hot-loop instructions per element
+                # either way), and so does this mask written without its redundant `ownf == 0.0`
+                # (42 more hot-loop instructions in the sm_90 SASS).
+                past = (ownf == 0.0) & (t_idx >= HALF) & (t_idx < BN - HALF) & ~kmask
+                s_past = tl.sum(tl.where(past[None, :], pr, 0.0), 1)
     else:
         pr = _round(pooled, ROUND, INTERP)
     val = pr * c[:, None]
@@ -516,6 +521,54 @@ def _p2_rows(q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band, bias_co
     return unp, colmax, msum, ssum, bsum, rs_acc
 
 
+@triton.jit
+def _p2_tile(jt, q, mx, inv_l, c, r, K, BT, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift, hg, P,
+             bias_lo, bias_hi, scale_log2, inv_rows, packed_out, unp_out, a_idx, central, band16, sel_m, sel_s,
+             m_acc, s_acc, b_acc, rs_acc,
+             HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, ROUND: tl.constexpr,
+             EXACT: tl.constexpr, RBITS: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr,
+             INTERP: tl.constexpr, BS_POW2: tl.constexpr, OFF32: tl.constexpr, COLSUM_MMA: tl.constexpr,
+             ROWSUM_MMA: tl.constexpr, EDGES: tl.constexpr):
+    """Pass-2 tile jt of one row block: its keys, the rows' reductions, the stores of its outputs.
+    EDGES=False: a tile the caller knows to be interior (every key in [0, P), no bias column),
+    compiled without the masks and the edge code (sm_90 SASS, Qwen's shape: NN -> MM hot-loop
+    instructions per element)."""
+    STEP: tl.constexpr = BN - 2 * HALF
+    t0 = jt * STEP - HALF  # first key of the tile (may be negative: zero padding)
+    t = t0 + a_idx
+    if EDGES:
+        kmask = (t >= 0) & (t < P)
+        omask = central & (t < P)  # this tile's outputs
+        edge_tile = (t0 < 0) | (t0 + BN > P)
+        bias_col = (t >= bias_lo) & (t < bias_hi)
+        do_bias = (t0 < bias_hi) & (t0 + BN > bias_lo)
+    else:
+        kmask = tl.full([BN], 1, tl.int1)
+        omask = central
+        edge_tile = False
+        bias_col = kmask
+        do_bias = False
+    ownf = omask.to(tl.float32)
+    k = _load_key_tile(K, BT, t, kmask, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
+                       BS_POW2, OFF32).to(CDT)
+    unp, colmax, msum, ssum, bsum, rs_acc = _p2_rows(
+        q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band16, bias_col, do_bias, scale_log2,
+        rs_acc, sel_m, sel_s,
+        HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP, COLSUM_MMA, ROWSUM_MMA, EDGES)
+    if EXACT:
+        if not ROWSUM_MMA:
+            m_acc += msum
+        s_acc += ssum  # ROWSUM_MMA: the last tile's pooled values past P, subtracted by the caller
+        b_acc += bsum
+    out = hg * P + t
+    if EXACT:
+        tl.store(packed_out + out, colmax, mask=omask)  # turned into the max by the fixup kernel
+    else:
+        tl.store(packed_out + out, colmax.to(tl.int32, bitcast=True), mask=omask)
+    tl.store(unp_out + out, unp * inv_rows, mask=omask)
+    return m_acc, s_acc, b_acc, rs_acc
+
+
 @triton.jit(do_not_specialize=_PASS2_LENGTHS)
 def _window_pass2(
     Q, KPTRS, BT, ROW, PACKED, UNP, PSUMS,
@@ -526,6 +579,7 @@ def _window_pass2(
     ROUND: tl.constexpr, EXACT: tl.constexpr, RBITS: tl.constexpr, CDT: tl.constexpr,
     KDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BS_POW2: tl.constexpr, OFF32: tl.constexpr, COLSUM_MMA: tl.constexpr, ROWSUM_MMA: tl.constexpr,
+    INTERIOR: tl.constexpr,
 ):
     # program (row block rb, run of tiles pid) of a (layer, KV head) pair; the row blocks of one run
     # are neighbours in launch order, so they read the same key tiles at about the same time (L2)
@@ -573,32 +627,39 @@ def _window_pass2(
     packed_out = PACKED + rb * part_stride
     unp_out = UNP + rb * part_stride
 
-    for jt in range(jt0, jt1):
-        t0 = jt * STEP - HALF  # first key of the tile (may be negative: zero padding)
-        t = t0 + a_idx
-        kmask = (t >= 0) & (t < P)
-        omask = central & (t < P)  # this tile's outputs
-        ownf = omask.to(tl.float32)
-        edge_tile = (t0 < 0) | (t0 + BN > P)
-        k = _load_key_tile(K, BT, t, kmask, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
-                           BS_POW2, OFF32).to(CDT)
-        bias_col = (t >= bias_lo) & (t < bias_hi)
-        do_bias = (t0 < bias_hi) & (t0 + BN > bias_lo)
-        unp, colmax, msum, ssum, bsum, rs_acc = _p2_rows(
-            q, mx, inv_l, c, r, k, kmask, ownf, omask, edge_tile, band16, bias_col, do_bias, scale_log2,
-            rs_acc, sel_m, sel_s,
-            HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, DOT_PREC, INTERP, COLSUM_MMA, ROWSUM_MMA)
-        if EXACT:
-            if not ROWSUM_MMA:
-                m_acc += msum
-            s_acc += ssum  # ROWSUM_MMA: the last tile's pooled values past P, subtracted below
-            b_acc += bsum
-        out = hg * P + t
-        if EXACT:
-            tl.store(packed_out + out, colmax, mask=omask)  # turned into the max by the fixup kernel
-        else:
-            tl.store(packed_out + out, colmax.to(tl.int32, bitcast=True), mask=omask)
-        tl.store(unp_out + out, unp * inv_rows, mask=omask)
+    # Interior tiles (every key in [0, P), outside the bias columns) in a loop of their own,
+    # compiled without the masks, edge and bias code, between the edge tiles before and after.
+    # (INTERIOR=0: every tile in the first loop)
+    if INTERIOR:
+        j_int0 = tl.minimum(tl.maximum(jt0, 1 if HALF > 0 else 0), jt1)  # tile 0 starts at key -HALF
+        lim = tl.minimum(P, bias_lo)
+        j_int1 = tl.minimum(jt1, tl.maximum(lim + HALF - BN + STEP, 0) // STEP)  # t0 + BN <= lim
+        j_int1 = tl.maximum(j_int1, j_int0)
+    else:
+        j_int0 = jt1
+        j_int1 = jt1
+    for jt in range(jt0, j_int0):
+        m_acc, s_acc, b_acc, rs_acc = _p2_tile(
+            jt, q, mx, inv_l, c, r, K, BT, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift, hg, P,
+            bias_lo, bias_hi, scale_log2, inv_rows, packed_out, unp_out, a_idx, central, band16, sel_m, sel_s,
+            m_acc, s_acc, b_acc, rs_acc,
+            HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, CDT, DOT_PREC, INTERP, BS_POW2, OFF32, COLSUM_MMA,
+            ROWSUM_MMA, True)
+    if INTERIOR:
+        for jt in range(j_int0, j_int1):
+            m_acc, s_acc, b_acc, rs_acc = _p2_tile(
+                jt, q, mx, inv_l, c, r, K, BT, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift, hg, P,
+                bias_lo, bias_hi, scale_log2, inv_rows, packed_out, unp_out, a_idx, central, band16, sel_m, sel_s,
+                m_acc, s_acc, b_acc, rs_acc,
+                HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, CDT, DOT_PREC, INTERP, BS_POW2, OFF32, COLSUM_MMA,
+                ROWSUM_MMA, False)
+        for jt in range(j_int1, jt1):
+            m_acc, s_acc, b_acc, rs_acc = _p2_tile(
+                jt, q, mx, inv_l, c, r, K, BT, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift, hg, P,
+                bias_lo, bias_hi, scale_log2, inv_rows, packed_out, unp_out, a_idx, central, band16, sel_m, sel_s,
+                m_acc, s_acc, b_acc, rs_acc,
+                HALF, KPOOL, BR, BN, ROUND, EXACT, RBITS, CDT, DOT_PREC, INTERP, BS_POW2, OFF32, COLSUM_MMA,
+                ROWSUM_MMA, True)
 
     if EXACT:
         if ROWSUM_MMA:
@@ -853,7 +914,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2,
         HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned,
         DOT_PREC=dot_prec, INTERP=interp, BS_POW2=bs_pow2, OFF32=off32,
-        num_warps=_warps(br, cfg["p1_warps"]) if br >= 128 else 4, num_stages=cfg["p1_stages"],
+        num_warps=_warps(br, cfg["p1_warps"]) if br >= 128 else min(4, cfg["p1_warps"]), num_stages=cfg["p1_stages"],
         **_maxnreg(cfg["p1_maxnreg"]),
     )
     # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range)
@@ -865,7 +926,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         HALF=half, KPOOL=pool_kernel, BR=br2, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, RBITS=rbits, CDT=_TL[cdt],
         KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp,
         BS_POW2=bs_pow2, OFF32=off32, COLSUM_MMA=bool(cfg["p2_colsum_mma"]) and rnd > 0,
-        ROWSUM_MMA=bool(cfg["p2_rowsum_mma"]) and rnd > 0,
+        ROWSUM_MMA=bool(cfg["p2_rowsum_mma"]) and rnd > 0, INTERIOR=bool(cfg["p2_interior_loop"]),
         num_warps=_warps(br2, cfg["p2_warps"]), num_stages=cfg["p2_stages"],
         **_maxnreg(cfg["p2_maxnreg"]),
     )

@@ -782,8 +782,11 @@ def resources():
                        if part.split(":")[0] in ("REG", "STACK"))
         hot = ""
         if elems:
-            loop = max(_sass_loops(sass), key=lambda x: x[1], default=(0, 0))  # the busiest loop
-            hot = f" hot loop {loop[1]} instr = {loop[1] / elems:.1f} per element"
+            # the tile loops in code order (pass 2 with its interior loop: edge tiles before, the
+            # interior, edge tiles after; the interior one is what the long prompts run)
+            loops = [x[1] for x in _sass_loops(sass) if x[1] >= 64] or [0]
+            hot = (f" hot loop{'s' if len(loops) > 1 else ''} {' / '.join(map(str, loops))} instr = "
+                   f"{' / '.join(f'{n / elems:.1f}' for n in loops)} per element")
         print(f"{fn.__name__:20s} {label:34s} warps={opts['num_warps']} maxnreg={opts.get('maxnreg')} "
               f"smem={k.metadata.shared} {res}{hot}", flush=True)
 

@@ -4,9 +4,9 @@ time) with the per-kernel split, one change of the tuned per-head-dim defaults a
     python benchmarks/scoring_variants.py [--tokens 32768] [shape ...]   # writes $OUT/variants.json
     TRITON_INTERPRET=1 python benchmarks/scoring_variants.py --dry-cpu --tokens 100 qwen05b  # CPU check
 
-The 2026-12-02b and c records (results/kernels/h200_2026-12-02b/sweep*.json,
-h200_2026-12-02c/sweep_*.json and transposed_*.json) came from this script with the VARIANTS of
-that pass (the last set is below); edit VARIANTS for the next one."""
+The 2026-12-02b, c and d records (results/kernels/h200_2026-12-02b/sweep*.json,
+h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/sweep_*.json) came from
+this script with the VARIANTS of that pass (the last set is below); edit VARIANTS for the next one."""
 import argparse
 import json
 import os

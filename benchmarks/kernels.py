@@ -798,7 +798,7 @@ def resources():
         ptrs = {"Q": "*bf16", "KPTRS": "*i64", "BT": "*i32"}
         common = dict(HALF=2, KPOOL=5, BR=br, BD=d, CDT=tl.bfloat16, KDT=tl.bfloat16, ALIGNED=True, DOT_PREC="tf32",
                       INTERP=False, BS_POW2=True, OFF32=True)
-        w1 = _scoring._warps(br, c["p1_warps"]) if br >= 128 else min(4, c["p1_warps"])
+        w1 = _scoring._p1_warps(br, c)
         comp(_scoring._window_pass1, dict(ptrs, PART="*fp32"), dict(common, BN=c["p1_bn"]),
              dict(num_warps=w1, num_stages=c["p1_stages"], **_scoring._maxnreg(c["p1_maxnreg"])),
              br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}")

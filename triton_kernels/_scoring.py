@@ -771,6 +771,11 @@ def _warps(br: int, configured: int) -> int:
     return max(configured, br // 32)
 
 
+def _p1_warps(br: int, cfg: dict) -> int:
+    """Pass 1's warps for blocks of br rows: `_warps` from 128 rows up, else p1_warps up to 4."""
+    return _warps(br, cfg["p1_warps"]) if br >= 128 else min(4, cfg["p1_warps"])
+
+
 def _maxnreg(n: int) -> dict:
     return {"maxnreg": int(n)} if n else {}
 
@@ -917,7 +922,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2,
         HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned,
         DOT_PREC=dot_prec, INTERP=interp, BS_POW2=bs_pow2, OFF32=off32,
-        num_warps=_warps(br, cfg["p1_warps"]) if br >= 128 else min(4, cfg["p1_warps"]), num_stages=cfg["p1_stages"],
+        num_warps=_p1_warps(br, cfg), num_stages=cfg["p1_stages"],
         **_maxnreg(cfg["p1_maxnreg"]),
     )
     # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range)

@@ -713,9 +713,12 @@ def plot(results, path):
 
 # --- offline resource report (no GPU) -----------------------------------------------------------------
 def _sass_loops(sass: str):
-    """(instructions per iteration, of them outside forward-branch blocks) of each loop of a SASS
-    listing: the second is the hot path of the scoring passes, whose skipped blocks are the few
-    edge tiles' code (causal mask, pooling edges, bias columns)."""
+    """(instructions per iteration, of them outside forward-branch blocks, async-copy groups left
+    in flight at the loop's first wait) of each loop of a SASS listing. The second is the hot path
+    of the scoring passes, whose skipped blocks are the few edge tiles' code (causal mask, pooling
+    edges, bias columns); the third (`DEPBAR.LE SB0, N`; None without a wait) is how far ahead the
+    key tiles are copied: 0 is a copy waited for one iteration after it was issued, at the end of
+    the previous one (Triton 3.6 at num_stages 3 with the block-table load in the loop)."""
     import re
 
     ins, labels = [], {}
@@ -738,7 +741,9 @@ def _sass_loops(sass: str):
             f = re.match(r"@!?P\d\s+BRA\s.*?(L_x_\d+)", ins[j])
             if f and labels.get(f.group(1), -1) > j:
                 cold.update(range(j + 1, min(labels[f.group(1)], i + 1)))
-        out.append((i - a + 1, i - a + 1 - len(cold)))
+        waits = [re.search(r"DEPBAR\.LE SB0, 0x([0-9a-f]+)", ins[j]) for j in range(a, i + 1)]
+        depth = next((int(w.group(1), 16) for w in waits if w), None)
+        out.append((i - a + 1, i - a + 1 - len(cold), depth))
     return out
 
 
@@ -784,9 +789,11 @@ def resources():
         if elems:
             # the tile loops in code order (pass 2 with its interior loop: edge tiles before, the
             # interior, edge tiles after; the interior one is what the long prompts run)
-            loops = [x[1] for x in _sass_loops(sass) if x[1] >= 64] or [0]
+            found = [x for x in _sass_loops(sass) if x[1] >= 64] or [(0, 0, None)]
+            loops = [x[1] for x in found]
             hot = (f" hot loop{'s' if len(loops) > 1 else ''} {' / '.join(map(str, loops))} instr = "
-                   f"{' / '.join(f'{n / elems:.1f}' for n in loops)} per element")
+                   f"{' / '.join(f'{n / elems:.1f}' for n in loops)} per element, copies in flight at the wait "
+                   f"{' / '.join(str(x[2]) for x in found)}")
         print(f"{fn.__name__:20s} {label:34s} warps={opts['num_warps']} maxnreg={opts.get('maxnreg')} "
               f"smem={k.metadata.shared} {res}{hot}", flush=True)
 
@@ -819,7 +826,8 @@ def resources():
         # the small kernels around the passes: compiled too (a GPU-only compile error shows here)
         comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32"}, dict(BR=br, BS=max(2, 2048 // br)),
              dict(num_warps=4), label=name)
-        comp(_scoring._window_sums, {"PSUMS": "*fp32", "SUMS": "*fp32"}, dict(BR=br), dict(num_warps=4), label=name)
+        comp(_scoring._window_sums, {"PSUMS": "*fp32", "SUMS": "*fp32"}, dict(BR=32, BP=32), dict(num_warps=1),
+             label=name)
         for rnd in (1, 2, 0):
             comp(_scoring._window_fixup, {n: "*fp32" for n in ("DMAX", "SNAP", "UNP", "UNPP", "ROW", "SUMS", "BIAS",
                                                                 "bias_src_off")} | {"PACKEDP": "*i32"},

@@ -78,7 +78,13 @@ MIN_TILES = 8  # pass-2 tiles per program, at least (see window_stats_layers)
 CONFIG = {
     "p1_bn": 64,  # keys per pass-1 tile
     "p1_warps": 8,  # for row blocks of 128 (4 below)
-    "p1_stages": 3,
+    # Triton 3.6's pipeliner puts the block-table load and the key copy it feeds in successive
+    # stages: at 3 or 4 stages the keys got one buffer, and each iteration issued the next tile's
+    # copy last and the next one waited for it first (sm_90 SASS `DEPBAR.LE SB0, 0x0`; ncu, H200:
+    # a fifth of pass 1's stall samples on that wait). At 5 they are double-buffered two tiles
+    # ahead (`0x2`): pass 1 at 32K 195 -> 178 us (Qwen), 770 -> 708 us (Llama). Pass 2 at 5: its
+    # extra buffer spills (Qwen 452 -> 476 us, Llama 1969 -> 2583).
+    "p1_stages": 5,
     "p1_programs_per_sm": 4,  # pass-1 split count target
     "p2_bn": 64,  # prefix keys per pass-2 tile
     "p2_warps": 4,  # H100 sweep at 32K: 4 warps beat 8 by 25-35% (benchmarks/results/kernels)
@@ -677,17 +683,23 @@ def _window_pass2(
 
 
 @triton.jit(do_not_specialize=["num_progs"])
-def _window_sums(PSUMS, SUMS, R, RP, num_progs, BR: tl.constexpr):
-    """Exact row sums: pass 2's per-program partials added in program order (deterministic)."""
+def _window_sums(PSUMS, SUMS, R, RP, num_progs, BR: tl.constexpr, BP: tl.constexpr):
+    """Exact row sums: pass 2's per-program partials added in a fixed order (deterministic), one
+    program per (rows, pair, sum): [BP programs x BR rows] tiles summed over the programs, the
+    tiles in program order. (A loop over one program's partials at a time was a chain of dependent
+    loads on few programs: 11.6 us of Qwen's 32K call, now 2.5.)"""
     rb = tl.program_id(0)
     hg = tl.program_id(1).to(tl.int64)
+    k = tl.program_id(2)
     r = rb * BR + tl.arange(0, BR)
     rmask = r < R
-    for k in range(3):
-        acc = tl.zeros([BR], tl.float32)
-        for pid in range(num_progs):
-            acc += tl.load(PSUMS + ((hg * num_progs + pid) * 3 + k) * RP + r, mask=rmask, other=0.0)
-        tl.store(SUMS + (hg * 3 + k) * RP + r, acc, mask=rmask)
+    pp = tl.arange(0, BP)
+    acc = tl.zeros([BR], tl.float32)
+    for p0 in range(0, num_progs, BP):
+        pm = (p0 + pp) < num_progs
+        ptr = PSUMS + ((hg * num_progs + p0 + pp[:, None]) * 3 + k) * RP + r[None, :]
+        acc += tl.sum(tl.load(ptr, mask=pm[:, None] & rmask[None, :], other=0.0), 0)
+    tl.store(SUMS + (hg * 3 + k) * RP + r, acc, mask=rmask)
 
 
 @triton.jit(do_not_specialize=["P", "part_stride"])
@@ -939,7 +951,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         **_maxnreg(cfg["p2_maxnreg"]),
     )
     if exact:
-        _window_sums[(nrb, pairs)](psums, sums, rows, rp, nprog, BR=br, num_warps=4)
+        _window_sums[(triton.cdiv(rows, 32), pairs, 3)](psums, sums, rows, rp, nprog, BR=32, BP=32, num_warps=1)
     if exact and not fix_window_bias:  # exact sum of the rounded probabilities, as the reference
         bias_src, bias_stride, bias_off = sums, 3 * rp, 2 * rp
     else:

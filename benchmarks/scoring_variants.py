@@ -4,9 +4,10 @@ time) with the per-kernel split, one change of the tuned per-head-dim defaults a
     python benchmarks/scoring_variants.py [--tokens 32768] [shape ...]   # writes $OUT/variants.json
     TRITON_INTERPRET=1 python benchmarks/scoring_variants.py --dry-cpu --tokens 100 qwen05b  # CPU check
 
-The 2026-12-02b, c and d records (results/kernels/h200_2026-12-02b/sweep*.json,
-h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/sweep_*.json) came from
-this script with the VARIANTS of that pass (the last set is below); edit VARIANTS for the next one."""
+The 2026-12-02b to e records (results/kernels/h200_2026-12-02b/sweep*.json,
+h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/sweep_*.json,
+h200_2026-12-02e/sweep_*.json) came from this script with the VARIANTS of that pass (the last set
+is below: the pipeline depths); edit VARIANTS for the next one."""
 import argparse
 import json
 import os
@@ -20,9 +21,8 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    "qwen05b": [{}, {"p2_programs_per_sm": 48}, {"p2_maxnreg": 168}],
-    "llama8b": [{}, {"p2_interior_loop": 1}, {"p2_interior_loop": 1, "p2_programs_per_sm": 12},
-                {"p2_interior_loop": 1, "p2_maxnreg": 144, "p2_programs_per_sm": 6}],
+    "qwen05b": [{}, {"p1_stages": 3}, {"p1_stages": 4}, {"p1_stages": 6}, {"p2_stages": 3}, {"p2_stages": 5}],
+    "llama8b": [{}, {"p1_stages": 3}, {"p1_stages": 4}, {"p2_stages": 5}],
 }
 
 

@@ -105,7 +105,8 @@ CONFIG = {
 # h200_2026-12-02e/: pass 1's pipeline depth, above).
 # Both passes are latency-bound (ncu: 40-60% of issue slots used at 2-4 warps per scheduler), so
 # capping registers for more resident programs wins even with a few spills: d = 128 pass 1 at 168
-# registers (3 programs per SM by registers; 2 by shared memory at five stages, still faster), pass 2 on 32-key tiles at 128 (4 per SM). Qwen's d = 64 group
+# registers (3 programs per SM by registers; 2 by shared memory at five stages, still faster), pass 2
+# on 32-key tiles at 128 (4 per SM). Qwen's d = 64 group
 # (7 x 32 = 224 window rows) runs pass 1 as two 128-row blocks of 4 warps, pass 2 as seven 32-row
 # programs of one warp each: no padded rows (224, not 256), no cross-warp reductions, no barriers
 # (2026-12-02c: pass 2 612 -> 528 us; all layers 0.84 -> 0.77 ms with the fixup merging the seven

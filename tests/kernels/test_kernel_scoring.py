@@ -183,6 +183,14 @@ def test_pass2_row_blocks_in_parallel(kdev, monkeypatch, p2_br, hq, hkv, d, bs, 
 
 
 @pytest.mark.interp
+def test_exact_sums_over_many_pass2_programs(kdev, monkeypatch):
+    """40 pass-2 programs a pair (one tile each): `_window_sums` adds their partial row sums in two
+    tiles of 32 programs, the second one part masked. (The interpreter otherwise runs 2 programs.)"""
+    override_scoring_config(monkeypatch, p2_progs=40)
+    run_case(kdev, 2, 1, 64, 16, 1108, 8, BF16, BF16, 5, "NHD", None, False, seed=1108)
+
+
+@pytest.mark.interp
 @pytest.mark.parametrize("probs_dtype", [BF16, None])
 def test_fixup_merges_row_blocks_across_its_windows(kdev, probs_dtype):
     """Qwen's shape with its tuned settings: seven 32-row pass-2 blocks, which the fixup merges once

@@ -826,8 +826,8 @@ def resources():
         # the small kernels around the passes: compiled too (a GPU-only compile error shows here)
         comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32"}, dict(BR=br, BS=max(2, 2048 // br)),
              dict(num_warps=4), label=name)
-        comp(_scoring._window_sums, {"PSUMS": "*fp32", "SUMS": "*fp32"}, dict(BR=32, BP=32), dict(num_warps=1),
-             label=name)
+        comp(_scoring._window_sums, {"PSUMS": "*fp32", "SUMS": "*fp32"},
+             dict(BR=_scoring.SUMS_TILE, BP=_scoring.SUMS_TILE), dict(num_warps=1), label=name)
         for rnd in (1, 2, 0):
             comp(_scoring._window_fixup, {n: "*fp32" for n in ("DMAX", "SNAP", "UNP", "UNPP", "ROW", "SUMS", "BIAS",
                                                                 "bias_src_off")} | {"PACKEDP": "*i32"},

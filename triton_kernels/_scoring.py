@@ -73,6 +73,7 @@ EPS = 1e-12
 MAX_ROWS = 512  # group size x window per KV head: the row index travels in 9 low bits of the max
 LOG2E = 1.4426950408889634
 MIN_TILES = 8  # pass-2 tiles per program, at least (see window_stats_layers)
+SUMS_TILE = 32  # _window_sums: rows and pass-2 programs per tile, on one warp
 
 # Tunables (the benchmark sweeps some; tests override split_len to exercise the split merge).
 CONFIG = {
@@ -953,7 +954,8 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         **_maxnreg(cfg["p2_maxnreg"]),
     )
     if exact:
-        _window_sums[(triton.cdiv(rows, 32), pairs, 3)](psums, sums, rows, rp, nprog, BR=32, BP=32, num_warps=1)
+        _window_sums[(triton.cdiv(rows, SUMS_TILE), pairs, 3)](psums, sums, rows, rp, nprog, BR=SUMS_TILE,
+                                                              BP=SUMS_TILE, num_warps=1)
     if exact and not fix_window_bias:  # exact sum of the rounded probabilities, as the reference
         bias_src, bias_stride, bias_off = sums, 3 * rp, 2 * rp
     else:

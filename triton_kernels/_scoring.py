@@ -74,6 +74,7 @@ MAX_ROWS = 512  # group size x window per KV head: the row index travels in 9 lo
 LOG2E = 1.4426950408889634
 MIN_TILES = 8  # pass-2 tiles per program, at least (see window_stats_layers)
 SUMS_TILE = 32  # _window_sums: rows and pass-2 programs per tile, on one warp
+COMBINE_ROWS, COMBINE_SPLITS = 16, 128  # _window_combine: rows per program, pass-1 splits per tile
 
 # Tunables (the benchmark sweeps some; tests override split_len to exercise the split merge).
 CONFIG = {
@@ -87,6 +88,7 @@ CONFIG = {
     # extra buffer spills (Qwen 452 -> 476 us, Llama 1969 -> 2583).
     "p1_stages": 5,
     "p1_programs_per_sm": 4,  # pass-1 split count target
+    "p1_min_tiles": 8,  # pass-1 key tiles per split, at least (while a program per SM remains)
     "p2_bn": 64,  # prefix keys per pass-2 tile
     "p2_warps": 4,  # H100 sweep at 32K: 4 warps beat 8 by 25-35% (benchmarks/results/kernels)
     "p2_stages": 2,
@@ -889,7 +891,14 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     bn1 = cfg["p1_bn"]
     if _split_len is None:
         target = max(1, cfg["p1_programs_per_sm"] * sms // max(1, pairs * nrb))
-        split_len = max(bn1, triton.cdiv(triton.cdiv(n, target), bn1) * bn1)
+        split_tiles = triton.cdiv(triton.cdiv(n, bn1), target)
+        if dev.type == "cuda":
+            # at least p1_min_tiles tiles a split while that still leaves a program per SM: one layer
+            # on few pairs would otherwise get splits of one or two tiles, too short to fill pass 1's
+            # pipeline (H200, one layer at 32K: Qwen 15.8 -> 12.9 us, Llama 36.5 -> 32.6)
+            wave_splits = triton.cdiv(sms, max(1, pairs * nrb))  # splits for one program per SM
+            split_tiles = max(split_tiles, min(cfg["p1_min_tiles"], max(1, triton.cdiv(n, bn1) // wave_splits)))
+        split_len = split_tiles * bn1
     else:
         split_len = int(_split_len)
     nsplit = triton.cdiv(n, split_len)
@@ -940,8 +949,12 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         num_warps=_p1_warps(br, cfg), num_stages=cfg["p1_stages"],
         **_maxnreg(cfg["p1_maxnreg"]),
     )
-    # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range)
-    _window_combine[(nrb, pairs)](part, rowstats, rows, rp, nsplit, BR=br, BS=max(2, 2048 // br), num_warps=4)
+    # [COMBINE_SPLITS x COMBINE_ROWS] tiles on programs of their own row blocks (not pass 1's): one
+    # layer's few pairs have hundreds of splits, which 128-row programs merged 16 at a time in a
+    # chain of dependent loads (H200, one layer at 32K: 55 us for Qwen's shape, half the call).
+    # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range).
+    _window_combine[(triton.cdiv(rows, COMBINE_ROWS), pairs)](part, rowstats, rows, rp, nsplit, BR=COMBINE_ROWS,
+                                                             BS=COMBINE_SPLITS, num_warps=4)
     _window_pass2[(nrb2 * nprog, pairs)](
         q, kptrs, block_table, rowstats, packedp, unpp, psums,
         q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,

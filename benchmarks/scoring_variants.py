@@ -4,10 +4,11 @@ time) with the per-kernel split, one change of the tuned per-head-dim defaults a
     python benchmarks/scoring_variants.py [--tokens 32768] [shape ...]   # writes $OUT/variants.json
     TRITON_INTERPRET=1 python benchmarks/scoring_variants.py --dry-cpu --tokens 100 qwen05b  # CPU check
 
-The 2026-12-02b to e records (results/kernels/h200_2026-12-02b/sweep*.json,
+The 2026-12-02b to f records (results/kernels/h200_2026-12-02b/sweep*.json,
 h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/sweep_*.json,
-h200_2026-12-02e/sweep_*.json) came from this script with the VARIANTS of that pass (the last set
-is below: the pipeline depths); edit VARIANTS for the next one."""
+h200_2026-12-02e/sweep_*.json, h200_2026-12-02f/sweep_*.json) came from this script with the VARIANTS of that pass (the last set
+is below: pass 1's split floor, run with --one-layer at each length); edit VARIANTS for the next
+one. --check adds each one's largest relative error against the reference."""
 import argparse
 import json
 import os
@@ -21,9 +22,21 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    "qwen05b": [{}, {"p1_stages": 3}, {"p1_stages": 4}, {"p1_stages": 6}, {"p2_stages": 3}, {"p2_stages": 5}],
-    "llama8b": [{}, {"p1_stages": 3}, {"p1_stages": 4}, {"p2_stages": 5}],
+    "qwen05b": [{}, {"p1_min_tiles": 1}, {}],
+    "llama8b": [{}, {"p1_min_tiles": 1}, {}],
 }
+
+
+def max_rel_err(shp, n):
+    """Layer 0 of the layered inputs, this configuration against the PyTorch reference."""
+    import vllm_defensive.triton_kernels as tk
+    from vllm_defensive.triton_kernels import torch_impl
+
+    q, keys, table = B.layered_inputs(shp, n)
+    a = tk.paged_window_stats(q[0], keys[0], table, n, probs_dtype=torch.bfloat16, window_bias_as_tensor=True)
+    b = torch_impl.window_stats(q[0], keys[0], table, n, probs_dtype=torch.bfloat16, window_bias_as_tensor=True)
+    return {f: float(((getattr(a, f) - getattr(b, f)).abs() / (getattr(b, f).abs() + 1e-9)).max())
+            for f in ("defensive_max", "snapkv", "unpooled_mean")}
 
 
 def main():
@@ -32,6 +45,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("shapes", nargs="*", default=list(VARIANTS))
     ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--one-layer", action="store_true", help="time layer 0 alone (the per-layer entry point)")
+    ap.add_argument("--check", action="store_true", help="also compare layer 0 with the PyTorch reference")
     ap.add_argument("--dry-cpu", action="store_true", help="test this script on the CPU (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     if args.dry_cpu:
@@ -45,8 +60,13 @@ def main():
             _scoring.CONFIG_BY_HEAD_DIM[d] = {**tuned, **var}
             t0 = time.time()
             try:
-                rec = {"shape": name, "config": var, "graph_ms": B.bench_scoring_layers_graph(shp, args.tokens)}
+                rec = {"shape": name, "config": var,
+                       "graph_ms": B.bench_scoring_layers_graph(shp, args.tokens, one_layer=args.one_layer)}
+                if args.check:
+                    rec["max_rel_err"] = max_rel_err(shp, args.tokens)
                 q, keys, table = B.layered_inputs(shp, args.tokens)
+                if args.one_layer:
+                    q, keys = q[:1], keys[:1]
                 rec["kernels"] = B.kernel_breakdown(
                     lambda i=0: tk.paged_window_stats_layers(q, keys, table, args.tokens, probs_dtype=torch.bfloat16))
                 del q, keys

@@ -171,10 +171,82 @@ def peak_extra_mb(fn):
     return peak / 2**20
 
 
+class ClockSampler:
+    """SM clock and power while a block runs: `nvidia-smi -lms` in the background (the datasheet
+    exp rate assumes the max clock; a long MUFU-bound run may not hold it)."""
+
+    def __init__(self, period_ms=50):
+        self.period_ms, self.proc, self.stats = period_ms, None, {}
+
+    def __enter__(self):
+        if DEV == "cuda":
+            try:
+                self.proc = subprocess.Popen(
+                    ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                     f"-lms={self.period_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            except Exception:
+                self.proc = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is None:
+            return False
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except Exception:
+            self.proc.kill()
+            return False
+        clocks, power = [], []
+        for line in out.splitlines():
+            try:
+                c, p = (float(v) for v in line.split(","))
+            except ValueError:
+                continue
+            clocks.append(c)
+            power.append(p)
+        if clocks:
+            clocks.sort()
+            power.sort()
+            self.stats = {"sm_clock_mhz_median": clocks[len(clocks) // 2], "sm_clock_mhz_min": clocks[0],
+                          "sm_clock_mhz_max": clocks[-1], "power_w_median": power[len(power) // 2],
+                          "samples": len(clocks)}
+        return False
+
+
+def exp_rate():
+    """Measured exp2 throughput (exps/s): a MUFU-bound Triton loop (one MUFU.EX2 and nothing else per
+    element and iteration, plus the negation: x <- 2^-x stays in [0.5, 0.71]), run
+    for ~0.5 s per repetition, with the SM clock sampled meanwhile. The counterpart of the measured
+    copy and matmul rates the other two roofline terms use."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _exp_loop(OUT, n_iter, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = offs.to(tl.float32) * 1e-9 + 0.5
+        for _ in range(n_iter):
+            x = tl.exp2(-x)
+        tl.store(OUT + offs, x)
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    block, progs, n_iter = 2048, sms * 16, 4096
+    out = torch.empty(progs * block, device=DEV, dtype=torch.float32)
+
+    def run(i=0):
+        _exp_loop[(progs,)](out, n_iter, BLOCK=block, num_warps=4)
+
+    with ClockSampler() as clk:
+        t, _, _ = bench(run, min_reps=5, max_reps=40, budget_s=3.0)
+    rate = progs * block * n_iter / (t * 1e-3)
+    return rate, clk.stats
+
+
 def ceilings():
     if DEV != "cuda":
         return {"copy_bw_Bps": 3e12, "bf16_mm_flops": 8e14, "sm_clock_hz": 1.98e9, "sms": 132,
-                "sfu_exp_per_s": SFU_PER_SM_CLK * 132 * 1.98e9}
+                "sfu_exp_per_s": SFU_PER_SM_CLK * 132 * 1.98e9, "sfu_exp_measured_per_s": None}
     x = torch.empty(2**30, dtype=torch.uint8, device=DEV)
     y = torch.empty_like(x)
     t, _, _ = bench(lambda i: y.copy_(x), budget_s=0.5)
@@ -194,8 +266,22 @@ def ceilings():
         clock = 1.98e9
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     torch.cuda.empty_cache()
+    try:
+        exp_measured, exp_clock = exp_rate()
+    except Exception as e:  # a measurement aid: the datasheet term stays
+        print("exp rate measurement failed:", repr(e)[:200])
+        exp_measured, exp_clock = None, {}
     return {"copy_bw_Bps": bw, "bf16_mm_flops": tc, "sm_clock_hz": clock, "sms": sms,
-            "sfu_exp_per_s": SFU_PER_SM_CLK * sms * clock}
+            "sfu_exp_per_s": SFU_PER_SM_CLK * sms * clock, "sfu_exp_measured_per_s": exp_measured,
+            "sfu_exp_measured_clock": exp_clock,
+            "sfu_exp_measured_per_sm_clk_at_max_clock": (exp_measured / (sms * clock)) if exp_measured else None}
+
+
+def roofline_exp_terms(exps, ceil):
+    """The exp term at the datasheet rate (16 / SM / clock at the max clock) and at the measured one."""
+    spec = exps / ceil["sfu_exp_per_s"]
+    measured = exps / ceil["sfu_exp_measured_per_s"] if ceil.get("sfu_exp_measured_per_s") else None
+    return spec, measured
 
 
 def versions():
@@ -324,15 +410,17 @@ def bench_scoring(name, shp, n, ceil, probs_dtype=torch.bfloat16):
     exps = rows * n + rows * p  # one exp per (row, key) per pass
     t_mem = bytes_2pass / ceil["copy_bw_Bps"]
     t_tc = flops_qk / ceil["bf16_mm_flops"]
-    t_sfu = exps / ceil["sfu_exp_per_s"]
+    t_sfu, t_sfu_m = roofline_exp_terms(exps, ceil)
     roof = max(t_mem, t_tc, t_sfu) * 1e3
+    roof_m = max(t_mem, t_tc, t_sfu_m) * 1e3 if t_sfu_m else None
     del caches, qs
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return {
         "shape": name, "tokens": n, "probs_dtype": str(probs_dtype).replace("torch.", ""),
         "kernel_ms": t_k, "reference_ms": t_r, "speedup": t_r / t_k, "roofline_ms": roof,
-        "of_roofline": t_k / roof, "kernel_graph_ms": t_g, "kernel_isolated_ms": t_ki,
+        "of_roofline": t_k / roof, "roofline_measured_ms": roof_m,
+        "of_roofline_measured": (t_k / roof_m) if roof_m else None, "kernel_graph_ms": t_g, "kernel_isolated_ms": t_ki,
         "reference_isolated_ms": t_ri, "speedup_isolated": t_ri / t_ki,
         "graph_of_roofline": (t_g / roof) if t_g else None, "kernel_breakdown_us": brk,
         "roofline_terms_ms": {"memory_2pass": t_mem * 1e3, "tensor_core": t_tc * 1e3, "sfu_exp": t_sfu * 1e3,
@@ -378,8 +466,9 @@ def bench_scoring_layers(name, shp, n, ceil, probs_dtype=torch.bfloat16):
     a, b = layered(), per_layer()
     same = all(torch.allclose(a.defensive_max[j], b[j].defensive_max, rtol=1e-2, atol=1e-9) for j in range(layers))
     del a, b
-    t_k, reps_k, t_ki = bench(layered, budget_s=0.6)
-    t_g = graph_ms(layered)
+    with ClockSampler() as clk:
+        t_k, reps_k, t_ki = bench(layered, budget_s=0.6)
+        t_g = graph_ms(layered)
     t_l, reps_l, t_li = bench(per_layer, min_reps=3, budget_s=0.6)
     mem_k = peak_extra_mb(layered)
     kbytes = n * hkv * d * 2
@@ -387,15 +476,17 @@ def bench_scoring_layers(name, shp, n, ceil, probs_dtype=torch.bfloat16):
     rows = hq * WINDOW
     t_mem = (2 * kbytes + hkv * p * 4 * 5 + 2 * rows * d * 2) / ceil["copy_bw_Bps"]
     t_tc = 2 * (2 * rows * n * d) / ceil["bf16_mm_flops"]
-    t_sfu = (rows * n + rows * p) / ceil["sfu_exp_per_s"]
+    t_sfu, t_sfu_m = roofline_exp_terms(rows * n + rows * p, ceil)
     roof = max(t_mem, t_tc, t_sfu) * 1e3 * layers
+    roof_m = max(t_mem, t_tc, t_sfu_m) * 1e3 * layers if t_sfu_m else None
     del keys, q
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return {"shape": name, "tokens": n, "layers": layers, "kernel_ms": t_k, "kernel_ms_per_layer": t_k / layers,
             "layer_by_layer_ms": t_l, "speedup_vs_layer_by_layer": t_l / t_k, "roofline_ms": roof,
             "of_roofline": t_k / roof, "kernel_graph_ms": t_g, "graph_of_roofline": (t_g / roof) if t_g else None,
-            "kernel_isolated_ms": t_ki, "layer_by_layer_isolated_ms": t_li, "extra_memory_mb": mem_k,
+            "roofline_measured_ms": roof_m, "of_roofline_measured": (t_k / roof_m) if roof_m else None,
+            "sm_clock_during": clk.stats, "kernel_isolated_ms": t_ki, "layer_by_layer_isolated_ms": t_li, "extra_memory_mb": mem_k,
             "matches_layer_by_layer": same, "reps": [reps_k, reps_l]}
 
 
@@ -562,12 +653,15 @@ def sweep(ceil, n=32768, shapes=None):
     return res, best
 
 
-def bench_scoring_layers_graph(shp, n):
-    """Device time (CUDA graph) of every layer's window statistics in one set of launches."""
+def bench_scoring_layers_graph(shp, n, one_layer=False):
+    """Device time (CUDA graph) of every layer's window statistics in one set of launches (one_layer:
+    of layer 0's alone, the per-layer entry point)."""
     import vllm_defensive.triton_kernels as tk
 
     q, keys, table = layered_inputs(shp, n)
     def f(i=0):
+        if one_layer:
+            return tk.paged_window_stats(q[0], keys[0], table, n, probs_dtype=torch.bfloat16, window_bias_as_tensor=True)
         return tk.paged_window_stats_layers(q, keys, table, n, probs_dtype=torch.bfloat16)
 
     t = graph_ms(f)
@@ -626,7 +720,8 @@ SUMMARY_KEYS = ("shape", "tokens", "kernel_ms", "reference_ms", "speedup", "roof
                 "bw_frac_measured", "bw_frac_spec", "of_roofline", "mode", "kernel_ms_per_layer",
                 "reference_ms_per_layer", "kernel_graph_ms", "graph_of_roofline", "kernel_isolated_ms",
                 "reference_isolated_ms", "speedup_isolated", "cuda_cpp_ms", "cuda_cpp_graph_ms", "layers",
-                "layer_by_layer_ms", "speedup_vs_layer_by_layer")
+                "layer_by_layer_ms", "speedup_vs_layer_by_layer", "roofline_measured_ms", "of_roofline_measured",
+                "sm_clock_during")
 
 
 def targets(results: dict, n: int = 32768) -> dict:
@@ -650,6 +745,8 @@ def targets(results: dict, n: int = 32768) -> dict:
             t["all_layers_of_roofline"] = r["of_roofline"]
             if r.get("graph_of_roofline"):
                 t["all_layers_graph_of_roofline"] = r["graph_of_roofline"]
+            if r.get("of_roofline_measured"):
+                t["all_layers_of_roofline_measured_exp_rate"] = r["of_roofline_measured"]
             if shape in one:
                 ref_all = r["layers"] * one[shape]["reference_ms"]  # the reference, layer after layer
                 t["all_layers_speedup_vs_reference_per_layer"] = ref_all / r["kernel_ms"]
@@ -665,7 +762,10 @@ def summarize(results: dict) -> dict:
     ceil = results["ceilings"]
     summary = {"device": results["device"], "versions": results["versions"], "roofline": results["roofline"],
                "timing": results["timing"],
-               "ceilings": {"copy_TBps": ceil["copy_bw_Bps"] / 1e12, "bf16_mm_TFLOPs": ceil["bf16_mm_flops"] / 1e12},
+               "ceilings": {"copy_TBps": ceil["copy_bw_Bps"] / 1e12, "bf16_mm_TFLOPs": ceil["bf16_mm_flops"] / 1e12,
+                            "exp_Tps_datasheet": ceil["sfu_exp_per_s"] / 1e12,
+                            "exp_Tps_measured": (ceil["sfu_exp_measured_per_s"] / 1e12)
+                            if ceil.get("sfu_exp_measured_per_s") else None},
                "targets_32k": targets(results)}
     for key in ("scoring", "scoring_layers", "value_norm", "compaction"):
         summary[key] = [{k: v for k, v in r.items() if k in SUMMARY_KEYS} for r in results.get(key, [])
@@ -824,7 +924,8 @@ def resources():
                  f"{name} BR={br2} BN={c['p2_bn']} probs {PROBS[rnd]}{' colsum mma' if mma else ''}"
                  f"{' rowsum mma' if rsum else ''}")
         # the small kernels around the passes: compiled too (a GPU-only compile error shows here)
-        comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32"}, dict(BR=br, BS=max(2, 2048 // br)),
+        comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32"},
+             dict(BR=_scoring.COMBINE_ROWS, BS=_scoring.COMBINE_SPLITS),
              dict(num_warps=4), label=name)
         comp(_scoring._window_sums, {"PSUMS": "*fp32", "SUMS": "*fp32"},
              dict(BR=_scoring.SUMS_TILE, BP=_scoring.SUMS_TILE), dict(num_warps=1), label=name)
@@ -882,6 +983,9 @@ def main():
         _scoring.CONFIG.update(json.loads(args.config))
     os.makedirs(args.out, exist_ok=True)
     ceil = ceilings()
+    if ceil.get("sfu_exp_measured_per_s"):
+        print(f"exp2 rate: measured {ceil['sfu_exp_measured_per_s'] / 1e12:.3f} T/s against {ceil['sfu_exp_per_s'] / 1e12:.3f} "
+              f"(16 / SM / clock at the max clock); clock during it {ceil.get('sfu_exp_measured_clock')}", flush=True)
     dev = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (dry run, interpreter)"
     results = {
         "device": dev, "versions": versions(), "ceilings": ceil,
@@ -897,7 +1001,10 @@ def main():
             "two-pass design: pass 1 softmax statistics, pass 2 pooled aggregation) + outputs, over the "
             "measured device-to-device copy rate (read+write bytes); tensor core = 2 x (2*Hq*W*L*d) FLOP of "
             "Q K^T over the measured 8192^3 bf16 matmul rate; exp = Hq*W*(L + P) exp2 over 16/SM/clock at the "
-            "max SM clock. The single-read floor (1 x keys) is listed as memory_1pass_floor. value_norm: "
+            "max SM clock (roofline_ms, of_roofline: the targets are judged on these). roofline_measured_ms / "
+            "of_roofline_measured: the exp term over the measured MUFU-bound exp2 rate instead (ceilings."
+            "sfu_exp_measured_per_s, with the SM clock sampled during it), like the other two terms' measured "
+            "rates. The single-read floor (1 x keys) is listed as memory_1pass_floor. value_norm: "
             "max(2*N*Hq*d*D FLOP / measured bf16 matmul rate, (V + W_o + out) bytes / copy rate). compaction: "
             "2 x kept bytes (read + write, K and V, all layers) / copy rate."),
     }
@@ -935,7 +1042,8 @@ def main():
                     print(f"{key:10s} {name:8s} {n:7d} {x.get('mode', ''):16s} kernel {x.get('kernel_ms', float('nan')):9.4f} ms"
                           f"  ref {x.get('reference_ms', float('nan')):9.3f} ms  x{x.get('speedup', float('nan')):7.1f}"
                           f"  roof {x.get('roofline_ms', float('nan')):8.4f} ms ({x.get('of_roofline', float('nan')):4.2f}x)"
-                          f"  mem {x.get('extra_memory_mb', float('nan')):8.1f} MB"
+                          + (f" measured-exp {x['of_roofline_measured']:4.2f}x" if x.get("of_roofline_measured") else "")
+                          + f"  mem {x.get('extra_memory_mb', float('nan')):8.1f} MB"
                           f"  bw {x.get('bw_frac_measured', float('nan')):5.2f}"
                           + (f"  graph {x['kernel_graph_ms']:.4f} ms" if x.get("kernel_graph_ms") else "")
                           + (f"  cuda-c++ {x['cuda_cpp_ms']:.4f} ms graph {x.get('cuda_cpp_graph_ms') or 0:.4f}"

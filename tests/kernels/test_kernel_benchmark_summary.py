@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RUN = os.path.join(ROOT, "benchmarks", "results", "kernels", "h200_2026-12-02e")
+RUN = os.path.join(ROOT, "benchmarks", "results", "kernels", "h200_2026-12-02f")
 
 
 def test_summary_is_rebuilt_from_the_records(tmp_path):
@@ -29,6 +29,15 @@ def test_summary_is_rebuilt_from_the_records(tmp_path):
         assert t["all_layers_of_roofline"] == layered[shape]["of_roofline"]
         assert t["one_layer_device_time_speedup"] == one[shape]["reference_ms"] / one[shape]["kernel_graph_ms"]
         assert t["meets_3x_roofline"] == (layered[shape]["of_roofline"] <= 3)
+        # the exp term over the measured exp2 rate: a roofline no lower than the datasheet one
+        r = layered[shape]
+        assert t["all_layers_of_roofline_measured_exp_rate"] == r["of_roofline_measured"]
+        assert r["roofline_measured_ms"] >= r["roofline_ms"]
+        assert abs(r["of_roofline_measured"] - r["kernel_ms"] / r["roofline_measured_ms"]) < 1e-9
+        assert r["sm_clock_during"]["samples"] > 0
+    ceil = records["ceilings"]
+    assert 0 < ceil["sfu_exp_measured_per_s"] <= ceil["sfu_exp_per_s"]
+    assert rebuilt["ceilings"]["exp_Tps_measured"] == ceil["sfu_exp_measured_per_s"] / 1e12
     # the fields, per scoring record
     need = {"shape", "tokens", "kernel_ms", "reference_ms", "speedup", "roofline_ms", "extra_memory_mb"}
     assert rebuilt["scoring"] and all(need <= set(r) for r in rebuilt["scoring"])

@@ -372,6 +372,12 @@ def cuda_compaction_fn(kc, vc, kept, src, dst):
 
 
 # --- benchmarks ----------------------------------------------------------------------------------------
+def max_rel_err(a, b):
+    """Largest relative error of each score of WindowStats a against b (the reference)."""
+    return {f: float(((getattr(a, f) - getattr(b, f)).abs() / (getattr(b, f).abs() + 1e-9)).max())
+            for f in ("defensive_max", "snapkv", "unpooled_mean")}
+
+
 def bench_scoring(name, shp, n, ceil, probs_dtype=torch.bfloat16):
     import vllm_defensive.triton_kernels as tk
     from vllm_defensive.triton_kernels import torch_impl
@@ -394,8 +400,7 @@ def bench_scoring(name, shp, n, ceil, probs_dtype=torch.bfloat16):
 
     # correctness at this size, against the reference (tolerances as in tests/kernels)
     a, b = kern(0), ref(0)
-    err = {f: float(((getattr(a, f) - getattr(b, f)).abs() / (getattr(b, f).abs() + 1e-9)).max())
-           for f in ("defensive_max", "snapkv", "unpooled_mean")}
+    err = max_rel_err(a, b)
     del a, b
     t_k, reps_k, t_ki = bench(kern, rotate=copies, budget_s=0.6)
     t_g = graph_ms(kern, copies)
@@ -653,15 +658,13 @@ def sweep(ceil, n=32768, shapes=None):
     return res, best
 
 
-def bench_scoring_layers_graph(shp, n, one_layer=False):
-    """Device time (CUDA graph) of every layer's window statistics in one set of launches (one_layer:
-    of layer 0's alone, the per-layer entry point)."""
+def bench_scoring_layers_graph(shp, n, inputs=None):
+    """Device time (CUDA graph) of every layer's window statistics in one set of launches, on
+    `layered_inputs(shp, n)` or the given (queries, key caches, block table)."""
     import vllm_defensive.triton_kernels as tk
 
-    q, keys, table = layered_inputs(shp, n)
+    q, keys, table = inputs if inputs is not None else layered_inputs(shp, n)
     def f(i=0):
-        if one_layer:
-            return tk.paged_window_stats(q[0], keys[0], table, n, probs_dtype=torch.bfloat16, window_bias_as_tensor=True)
         return tk.paged_window_stats_layers(q, keys, table, n, probs_dtype=torch.bfloat16)
 
     t = graph_ms(f)

@@ -6,9 +6,10 @@ time) with the per-kernel split, one change of the tuned per-head-dim defaults a
 
 The 2026-12-02b to f records (results/kernels/h200_2026-12-02b/sweep*.json,
 h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/sweep_*.json,
-h200_2026-12-02e/sweep_*.json, h200_2026-12-02f/sweep_*.json) came from this script with the VARIANTS of that pass (the last set
-is below: pass 1's split floor, run with --one-layer at each length); edit VARIANTS for the next
-one. --check adds each one's largest relative error against the reference."""
+h200_2026-12-02e/sweep_*.json, h200_2026-12-02f/sweep_*.json) came from this script with the
+VARIANTS of that pass (the last set is below: pass 1's split floor, run with --one-layer at each
+length); edit VARIANTS for the next one. --check adds each one's largest relative error against
+the reference."""
 import argparse
 import json
 import os
@@ -27,16 +28,14 @@ VARIANTS = {
 }
 
 
-def max_rel_err(shp, n):
-    """Layer 0 of the layered inputs, this configuration against the PyTorch reference."""
+def max_rel_err(q, keys, table, n):
+    """Layer 0 (the one-layer entry point) against the PyTorch reference."""
     import vllm_defensive.triton_kernels as tk
     from vllm_defensive.triton_kernels import torch_impl
 
-    q, keys, table = B.layered_inputs(shp, n)
     a = tk.paged_window_stats(q[0], keys[0], table, n, probs_dtype=torch.bfloat16, window_bias_as_tensor=True)
     b = torch_impl.window_stats(q[0], keys[0], table, n, probs_dtype=torch.bfloat16, window_bias_as_tensor=True)
-    return {f: float(((getattr(a, f) - getattr(b, f)).abs() / (getattr(b, f).abs() + 1e-9)).max())
-            for f in ("defensive_max", "snapkv", "unpooled_mean")}
+    return B.max_rel_err(a, b)
 
 
 def main():
@@ -60,13 +59,13 @@ def main():
             _scoring.CONFIG_BY_HEAD_DIM[d] = {**tuned, **var}
             t0 = time.time()
             try:
-                rec = {"shape": name, "config": var,
-                       "graph_ms": B.bench_scoring_layers_graph(shp, args.tokens, one_layer=args.one_layer)}
-                if args.check:
-                    rec["max_rel_err"] = max_rel_err(shp, args.tokens)
                 q, keys, table = B.layered_inputs(shp, args.tokens)
-                if args.one_layer:
+                if args.one_layer:  # layer 0 alone: what the one-layer entry point launches
                     q, keys = q[:1], keys[:1]
+                rec = {"shape": name, "config": var,
+                       "graph_ms": B.bench_scoring_layers_graph(shp, args.tokens, inputs=(q, keys, table))}
+                if args.check:
+                    rec["max_rel_err"] = max_rel_err(q, keys, table, args.tokens)
                 rec["kernels"] = B.kernel_breakdown(
                     lambda i=0: tk.paged_window_stats_layers(q, keys, table, args.tokens, probs_dtype=torch.bfloat16))
                 del q, keys

@@ -891,13 +891,14 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     bn1 = cfg["p1_bn"]
     if _split_len is None:
         target = max(1, cfg["p1_programs_per_sm"] * sms // max(1, pairs * nrb))
-        split_tiles = triton.cdiv(triton.cdiv(n, bn1), target)
+        tiles = triton.cdiv(n, bn1)
+        split_tiles = triton.cdiv(tiles, target)
         if dev.type == "cuda":
             # at least p1_min_tiles tiles a split while that still leaves a program per SM: one layer
             # on few pairs would otherwise get splits of one or two tiles, too short to fill pass 1's
             # pipeline (H200, one layer at 32K: Qwen 15.8 -> 12.9 us, Llama 36.5 -> 32.6)
             wave_splits = triton.cdiv(sms, max(1, pairs * nrb))  # splits for one program per SM
-            split_tiles = max(split_tiles, min(cfg["p1_min_tiles"], max(1, triton.cdiv(n, bn1) // wave_splits)))
+            split_tiles = max(split_tiles, min(cfg["p1_min_tiles"], max(1, tiles // wave_splits)))
         split_len = split_tiles * bn1
     else:
         split_len = int(_split_len)

@@ -851,6 +851,7 @@ def _sass_loops(sass: str):
 
 
 PROBS = {0: "fp32", 1: "bf16", 2: "fp16"}  # probs_dtype by the kernels' ROUND code
+_PROBS_TL = {1: "bf16", 2: "fp16"}  # (as Triton dtypes in resources())
 
 
 def resources():
@@ -866,18 +867,19 @@ def resources():
 
     from vllm_defensive.triton_kernels import _compact, _scoring, _value_norm
 
+    _PROBS_TL.update({1: tl.bfloat16, 2: tl.float16})
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     one = {"sqd", "skd", "svd", "sd", "swi"}  # unit strides: Triton specialises them
     div16 = {"sqh", "sqw", "skb", "skt", "skh", "svb", "svt", "svh", "sb", "st", "sh", "swo", "RP", "HEAD_D",
              "idx_sl", "idx_sh"}
 
-    def comp(fn, types, consts, opts, elems=None, label=""):
+    def comp(fn, types, consts, opts, elems=None, label="", source=ASTSource):
         consts = dict(consts, **{n: 1 for n in fn.arg_names if n in one})
         sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
         sig.update({n: "fp32" for n in ("scale_log2", "inv_rows") if n in sig})
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                  if n not in consts and (sig[n].startswith("*") or n in div16)}
-        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+        src = source(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
@@ -904,7 +906,9 @@ def resources():
         d, g = shp["d"], shp["hq"] // shp["hkv"]
         c = _scoring._cfg(d)
         br = _scoring._row_block(g * WINDOW, c)
-        rp = max(-(-g * WINDOW // br) * br, -(-g * WINDOW // (c["p2_br"] or br)) * (c["p2_br"] or br))
+        gluon = _scoring._gluon_pass2(c, torch.device("cuda"), 1, 2, d, torch.bfloat16, torch.bfloat16)
+        br2 = gluon.ROWS_PER_PROGRAM if gluon else (int(c["p2_br"]) or br)  # as window_stats_layers picks
+        rp = max(-(-g * WINDOW // br) * br, -(-g * WINDOW // br2) * br2)
         ptrs = {"Q": "*bf16", "KPTRS": "*i64", "BT": "*i32"}
         common = dict(HALF=2, KPOOL=5, BR=br, BD=d, CDT=tl.bfloat16, KDT=tl.bfloat16, ALIGNED=True, DOT_PREC="tf32",
                       INTERP=False, BS_POW2=True, OFF32=True)
@@ -912,20 +916,32 @@ def resources():
         comp(_scoring._window_pass1, dict(ptrs, PART="*fp32"), dict(common, BN=c["p1_bn"]),
              dict(num_warps=w1, num_stages=c["p1_stages"], **_scoring._maxnreg(c["p1_maxnreg"])),
              br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}")
-        br2 = int(c["p2_br"]) or br
-        w2 = _scoring._warps(br2, c["p2_warps"])
+        tb2 = int(c["p2_br"]) or br  # the Triton pass 2's row block (CPU, fp32 probabilities, or p2_gluon off)
+        w2 = _scoring._warps(tb2, c["p2_warps"])
         t2 = dict(ptrs, ROW="*fp32", PACKED="*i32", UNP="*fp32", PSUMS="*fp32")
         # (probs, p2_colsum_mma, p2_rowsum_mma): the defaults, then each product path the other way
         rs = bool(c["p2_rowsum_mma"])
         cs = bool(c["p2_colsum_mma"])
         for rnd, mma, rsum in ((1, cs, rs), (1, not cs, rs), (1, cs, not rs), (2, cs, rs), (0, False, False)):
-            comp(_scoring._window_pass2, t2, dict(common, BR=br2, BN=c["p2_bn"], ROUND=rnd, EXACT=rnd > 0,
+            comp(_scoring._window_pass2, t2, dict(common, BR=tb2, BN=c["p2_bn"], ROUND=rnd, EXACT=rnd > 0,
                                                   RBITS=max(1, (rp - 1).bit_length()), COLSUM_MMA=mma,
                                                   ROWSUM_MMA=rsum, INTERIOR=bool(c["p2_interior_loop"])),
                  dict(num_warps=w2, num_stages=c["p2_stages"], **_scoring._maxnreg(c["p2_maxnreg"])),
-                 br2 * c["p2_bn"] / (32 * w2),
-                 f"{name} BR={br2} BN={c['p2_bn']} probs {PROBS[rnd]}{' colsum mma' if mma else ''}"
+                 tb2 * c["p2_bn"] / (32 * w2),
+                 f"{name} BR={tb2} BN={c['p2_bn']} probs {PROBS[rnd]}{' colsum mma' if mma else ''}"
                  f"{' rowsum mma' if rsum else ''}")
+        if gluon:  # the Gluon pass 2, for 16-bit probabilities (where the host code picks it)
+            from triton.experimental.gluon._runtime import GluonASTSource
+
+            for rnd in (1, 2):
+                comp(gluon.window_pass2_gluon, t2,
+                     dict(HALF=2, KPOOL=5, BD=d, RBITS=max(1, (rp - 1).bit_length()), PDT=_PROBS_TL[rnd],
+                          KDT=tl.bfloat16, ALIGNED=True, BS_POW2=True, OFF32=True, STAGES=int(c["p2_gluon_stages"]),
+                          Q_SMEM=bool(c["p2_gluon_q_smem"])),
+                     dict(num_warps=1, **_scoring._maxnreg(c["p2_gluon_maxnreg"])),
+                     gluon.ROWS_PER_PROGRAM * gluon.KEYS_PER_TILE / 32,
+                     f"{name} BR={gluon.ROWS_PER_PROGRAM} BN={gluon.KEYS_PER_TILE} probs {PROBS[rnd]}",
+                     source=GluonASTSource)
         # the small kernels around the passes: compiled too (a GPU-only compile error shows here)
         comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32"},
              dict(BR=_scoring.COMBINE_ROWS, BS=_scoring.COMBINE_SPLITS),
@@ -936,7 +952,7 @@ def resources():
             comp(_scoring._window_fixup, {n: "*fp32" for n in ("DMAX", "SNAP", "UNP", "UNPP", "ROW", "SUMS", "BIAS",
                                                                 "bias_src_off")} | {"PACKEDP": "*i32"},
                  dict(HALF=2, KPOOL=5, BN=256, BRB=min(128, br), RBITS=max(1, (rp - 1).bit_length()), ROUND=rnd,
-                      DO_FIX=rnd > 0, INTERP=False, MERGE=(c["p2_br"] or br) < g * WINDOW), dict(num_warps=4),
+                      DO_FIX=rnd > 0, INTERP=False, MERGE=br2 < g * WINDOW), dict(num_warps=4),
                  label=f"{name} probs {PROBS[rnd]}")
         v = _value_norm.CONFIG
         comp(_value_norm._value_norm_kernel, {"VPTRS": "*i64", "BT": "*i32", "WPTRS": "*i64", "OUT": "*fp32"},

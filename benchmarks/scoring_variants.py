@@ -4,12 +4,12 @@ time) with the per-kernel split, one change of the tuned per-head-dim defaults a
     python benchmarks/scoring_variants.py [--tokens 32768] [shape ...]   # writes $OUT/variants.json
     TRITON_INTERPRET=1 python benchmarks/scoring_variants.py --dry-cpu --tokens 100 qwen05b  # CPU check
 
-The 2026-12-02b to f records (results/kernels/h200_2026-12-02b/sweep*.json,
+The 2026-12-02b to g records (results/kernels/h200_2026-12-02b/sweep*.json,
 h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/sweep_*.json,
-h200_2026-12-02e/sweep_*.json, h200_2026-12-02f/sweep_*.json) came from this script with the
-VARIANTS of that pass (the last set is below: pass 1's split floor, run with --one-layer at each
-length); edit VARIANTS for the next one. --check adds each one's largest relative error against
-the reference."""
+h200_2026-12-02e/sweep_*.json, h200_2026-12-02f/sweep_*.json, h200_2026-12-02g/sweep_*.json) came
+from this script with the VARIANTS of that pass (the last set is below: the Gluon pass 2 against the
+Triton one, and its settings); edit VARIANTS for the next one. --check adds each one's largest
+relative error against the reference."""
 import argparse
 import json
 import os
@@ -23,8 +23,9 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    "qwen05b": [{}, {"p1_min_tiles": 1}, {}],
-    "llama8b": [{}, {"p1_min_tiles": 1}, {}],
+    "qwen05b": [{"p2_gluon": 0}, {}, {"p2_gluon_stages": 4}, {"p2_gluon_maxnreg": 200}, {"p2_gluon_q_smem": 1},
+                {"p2_gluon_maxnreg": 128}],
+    "llama8b": [{"p2_gluon": 0}, {}, {"p2_gluon_q_smem": 1, "p2_gluon_maxnreg": 128}],
 }
 
 

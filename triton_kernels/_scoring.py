@@ -26,6 +26,12 @@ pass 2   grid (row blocks x programs, Hkv), each program taking one block of the
          block's rows: max (defensive) and sum of the unpooled rows (stage 1), written as the
          block's share. One read of the keys per row block (plus
          the 2*(pool_kernel//2)/BN overlap).
+         On CUDA with 16-bit probabilities pass 2 is `_scoring_gluon.window_pass2_gluon` instead
+         (`p2_gluon`, the default for head dims 64 and 128): the same inputs and outputs, 32-row
+         blocks, no tile overlap, the reductions over the rows on the cheap axis of the product
+         layout (Gluon states layouts; Triton 3.6 moves a transposed operand through shared memory).
+         H200, every layer at 32K: Qwen's pass 2 448 -> 382 us, Llama's 1963 -> 1629 us. The
+         interpreter (CPU) and fp32 probabilities run the Triton kernel.
 fixup    merges the row blocks' shares (max; sums in row-block order), rescales the defensive max
          with the exact rounded-row sums (below), pools the unpooled mean into SnapKV's pooled mean
          (pooling is linear; in pass 2 it cost 4% of the hot loop) and writes the window bias (mean
@@ -101,6 +107,14 @@ CONFIG = {
     "p2_colsum_mma": 0,  # pass 2's unpooled column sums on the tensor cores (H200: +1% Qwen, +13% Llama: off)
     "p2_rowsum_mma": 1,  # pass 2's exact row sums on the tensor cores (16-bit probabilities, one row block)
     "p2_interior_loop": 1,  # pass 2's interior tiles in a loop of their own, without the edge code
+    "p2_gluon": 0,  # pass 2 in Gluon (`_scoring_gluon`) where it applies: CUDA, 16-bit, one-warp row blocks
+    # its register cap: 168 (3 programs per scheduler) at d = 64, where ptxas left alone takes 237 and
+    # 128 spills (+28%); d = 128's queries need 232 (H200, 32K: 1629 us; 128 with the queries in
+    # shared memory 3972)
+    "p2_gluon_maxnreg": 168,
+    "p2_gluon_stages": 3,  # key tiles in the Gluon pass 2's shared-memory ring
+    "p2_gluon_q_smem": 0,  # its queries reloaded from shared memory every tile (32 registers fewer)
+    "p2_gluon_programs_per_sm": 0,  # its programs per SM (0: p2_programs_per_sm)
 }
 # Per head-dim overrides of CONFIG: the best of the H200 runs on the layered path at 32K
 # (benchmarks/results/kernels/h200_2026-12-01b/, h200_2026-12-02/, h200_2026-12-02b/, h200_2026-12-02c/,
@@ -116,9 +130,10 @@ CONFIG = {
 # row blocks once per key). The program counts follow so that the grids fill whole waves.
 CONFIG_BY_HEAD_DIM: dict[int, dict] = {
     128: {"p1_warps": 4, "p1_maxnreg": 168, "p1_programs_per_sm": 6,
-          "p2_bn": 32, "p2_maxnreg": 128, "p2_programs_per_sm": 8, "p2_rowsum_mma": 0, "p2_interior_loop": 0},
+          "p2_bn": 32, "p2_maxnreg": 128, "p2_programs_per_sm": 8, "p2_rowsum_mma": 0, "p2_interior_loop": 0,
+          "p2_gluon": 1, "p2_gluon_maxnreg": 232, "p2_gluon_programs_per_sm": 48},
     64: {"p1_bn": 64, "p1_maxnreg": 128, "p2_bn": 32, "p2_maxnreg": 128, "br": 128, "p1_warps": 4,
-         "p1_programs_per_sm": 8, "p2_br": 32, "p2_warps": 1, "p2_programs_per_sm": 64},
+         "p1_programs_per_sm": 8, "p2_br": 32, "p2_warps": 1, "p2_programs_per_sm": 64, "p2_gluon": 1},
 }
 
 
@@ -767,6 +782,20 @@ def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV
         tl.store(BIAS + h // HKV, tl.sum(acc, 0) / (HKV * R))
 
 
+def _gluon_pass2(cfg: dict, dev: torch.device, rnd: int, half: int, d: int, cdt, kdt):
+    """The Gluon pass-2 module where it applies (else None): `p2_gluon` on, CUDA, 16-bit queries,
+    keys and probabilities, head dim 64 or 128, pooling halo <= 8. It runs 32-row blocks of the
+    window rows (one warp each) whatever `p2_br` says (that is the Triton kernel's setting)."""
+    if not (cfg["p2_gluon"] and dev.type == "cuda" and rnd > 0 and half <= 8 and d in (64, 128)
+            and cdt == kdt and kdt in (torch.bfloat16, torch.float16)):
+        return None
+    try:
+        from . import _scoring_gluon
+    except ImportError:  # a Triton without Gluon
+        return None
+    return _scoring_gluon
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -877,7 +906,9 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     cfg = _cfg(d)
     br = _row_block(rows, cfg)
     nrb = triton.cdiv(rows, br)
-    br2 = int(cfg["p2_br"]) or br  # pass 2's rows per program (its row blocks run in parallel)
+    gluon = _gluon_pass2(cfg, dev, _ROUND[probs_dtype], pool_kernel // 2, d, cdt, kc.dtype)
+    # pass 2's rows per program (its row blocks run in parallel)
+    br2 = gluon.ROWS_PER_PROGRAM if gluon else (int(cfg["p2_br"]) or br)
     nrb2 = triton.cdiv(rows, br2)
     rp = max(nrb * br, nrb2 * br2)
     rnd = _ROUND[probs_dtype]
@@ -907,8 +938,11 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     if 2 * half >= bn2 // 2:
         bn2 = _next_pow2(8 * half)  # keep the tile overlap (2 * half keys) a small fraction
     n_tiles = triton.cdiv(p, bn2 - 2 * half)
+    if gluon:
+        n_tiles = triton.cdiv(p + half, gluon.KEYS_PER_TILE)  # no halo: tiles of 32 keys, outputs lagging half keys
     rbits = max(1, (rp - 1).bit_length())  # row index of the max, padded rows included
-    progs = max(1, cfg["p2_programs_per_sm"] * sms // (pairs * nrb2)) if dev.type == "cuda" else 2
+    per_sm = (cfg["p2_gluon_programs_per_sm"] if gluon else 0) or cfg["p2_programs_per_sm"]
+    progs = max(1, per_sm * sms // (pairs * nrb2)) if dev.type == "cuda" else 2
     if dev.type == "cuda":  # (the interpreter keeps 2: the tests exercise the partials' merge)
         # at least MIN_TILES tiles a program: one layer on few KV heads would otherwise get
         # hundreds of programs per pair, whose exact-sum partials `_window_sums` adds one by one
@@ -956,17 +990,27 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range).
     _window_combine[(triton.cdiv(rows, COMBINE_ROWS), pairs)](part, rowstats, rows, rp, nsplit, BR=COMBINE_ROWS,
                                                              BS=COMBINE_SPLITS, num_warps=4)
-    _window_pass2[(nrb2 * nprog, pairs)](
-        q, kptrs, block_table, rowstats, packedp, unpp, psums,
-        q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
-        p, w, g, rows, rp, d, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
-        HALF=half, KPOOL=pool_kernel, BR=br2, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, RBITS=rbits, CDT=_TL[cdt],
-        KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp,
-        BS_POW2=bs_pow2, OFF32=off32, COLSUM_MMA=bool(cfg["p2_colsum_mma"]) and rnd > 0,
-        ROWSUM_MMA=bool(cfg["p2_rowsum_mma"]) and rnd > 0, INTERIOR=bool(cfg["p2_interior_loop"]),
-        num_warps=_warps(br2, cfg["p2_warps"]), num_stages=cfg["p2_stages"],
-        **_maxnreg(cfg["p2_maxnreg"]),
-    )
+    if gluon:
+        gluon.window_pass2_gluon[(nrb2 * nprog, pairs)](
+            q, kptrs, block_table, rowstats, packedp, unpp, psums,
+            q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
+            p, w, g, rows, rp, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi, half,
+            HALF=half, KPOOL=pool_kernel, BD=d, RBITS=rbits, PDT=_TL[probs_dtype], KDT=_TL[kc.dtype], ALIGNED=aligned,
+            BS_POW2=bs_pow2, OFF32=off32, STAGES=int(cfg["p2_gluon_stages"]), Q_SMEM=bool(cfg["p2_gluon_q_smem"]),
+            num_warps=1, **_maxnreg(cfg["p2_gluon_maxnreg"]),
+        )
+    else:
+        _window_pass2[(nrb2 * nprog, pairs)](
+            q, kptrs, block_table, rowstats, packedp, unpp, psums,
+            q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
+            p, w, g, rows, rp, d, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
+            HALF=half, KPOOL=pool_kernel, BR=br2, BN=bn2, BD=bd, ROUND=rnd, EXACT=exact, RBITS=rbits, CDT=_TL[cdt],
+            KDT=_TL[kc.dtype], ALIGNED=aligned, DOT_PREC=dot_prec, INTERP=interp,
+            BS_POW2=bs_pow2, OFF32=off32, COLSUM_MMA=bool(cfg["p2_colsum_mma"]) and rnd > 0,
+            ROWSUM_MMA=bool(cfg["p2_rowsum_mma"]) and rnd > 0, INTERIOR=bool(cfg["p2_interior_loop"]),
+            num_warps=_warps(br2, cfg["p2_warps"]), num_stages=cfg["p2_stages"],
+            **_maxnreg(cfg["p2_maxnreg"]),
+        )
     if exact:
         _window_sums[(triton.cdiv(rows, SUMS_TILE), pairs, 3)](psums, sums, rows, rp, nprog, BR=SUMS_TILE,
                                                               BP=SUMS_TILE, num_warps=1)

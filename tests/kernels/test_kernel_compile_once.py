@@ -13,11 +13,12 @@ def test_cpu_warms_up_one_length():
 
 
 def _compiled_variants() -> int:
-    from vllm_defensive.triton_kernels import _compact, _scoring, _value_norm
+    from vllm_defensive.triton_kernels import _compact, _scoring, _scoring_gluon, _value_norm
 
     total = 0
     for fn in (_scoring._window_pass1, _scoring._window_combine, _scoring._window_pass2, _scoring._window_sums,
-               _scoring._window_fixup, _value_norm._value_norm_kernel, _compact._compact_kernel):
+               _scoring._window_fixup, _scoring_gluon.window_pass2_gluon, _value_norm._value_norm_kernel,
+               _compact._compact_kernel):
         caches = getattr(fn, "device_caches", None)
         if caches is None:
             pytest.skip("this Triton keeps no per-device kernel cache to count")

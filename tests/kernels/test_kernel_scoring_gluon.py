@@ -1,0 +1,117 @@
+"""The Gluon pass 2 (`_scoring_gluon`) == policy.scoring.window_stats, on CUDA.
+
+Gluon kernels do not run in Triton's interpreter, so these are GPU tests; on CUDA the default
+settings also route the d = 64 cases of test_kernel_scoring.py through it. The cases here aim at
+what the kernel does differently from the Triton pass 2: no halo (outputs lag the keys by the
+pooling half-width, the left neighbours carried from the previous tile), the warm-up of a program
+that starts mid-prompt, the bias columns inside the last tiles, and prompts shorter than a tile.
+"""
+
+import pytest
+import torch
+from kernel_testutil import attention_inputs, make_paged
+from test_kernel_scoring import BF16, FP16, check_stats, override_scoring_config
+
+from vllm_defensive.policy import scoring
+from vllm_defensive.triton_kernels import _scoring
+
+
+
+def test_where_the_gluon_pass2_applies():
+    """The selection rule (host code, so it runs everywhere): CUDA, 16-bit queries = keys and
+    probabilities, head dim 64 or 128, pooling half-width <= 8, and the setting on."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    on = {**_scoring._cfg(64), "p2_gluon": 1}
+    pick = _scoring._gluon_pass2
+    assert pick(on, cuda, 1, 2, 64, BF16, BF16) is not None
+    assert pick(on, cuda, 2, 8, 128, FP16, FP16) is not None
+    assert pick(on, cpu, 1, 2, 64, BF16, BF16) is None  # the interpreter runs the Triton kernel
+    assert pick({**on, "p2_gluon": 0}, cuda, 1, 2, 64, BF16, BF16) is None
+    assert pick(on, cuda, 0, 2, 64, BF16, BF16) is None  # fp32 probabilities
+    assert pick(on, cuda, 1, 9, 64, BF16, BF16) is None  # pool kernel 19
+    assert pick(on, cuda, 1, 2, 96, BF16, BF16) is None
+    assert pick(on, cuda, 1, 2, 64, torch.float32, BF16) is None  # fp32 queries
+    assert pick(on, cuda, 1, 2, 64, torch.float32, torch.float32) is None
+    # the tuned defaults turn it on for both benchmark shapes
+    assert _scoring._cfg(64)["p2_gluon"] and _scoring._cfg(128)["p2_gluon"]
+
+
+def _run(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fix_bias, progs=0, layers=1,
+         seed=0):
+    override_scoring_config(monkeypatch, p2_gluon=1, p2_progs=progs)
+    gen = torch.Generator().manual_seed(seed)
+    dev = torch.device("cuda")
+    qs, caches, refs, table = [], [], [], None
+    for layer in range(layers):
+        q, k = attention_inputs(hq, hkv, w, n, d, dtype, dev, gen)
+        if table is None:
+            cache, table = make_paged(k, bs, layout, gen=gen)
+        else:  # every layer shares the block table (and, contiguous, the layout): keys through it
+            assert layout == "NHD"
+            cache = torch.randn(caches[0].shape, generator=gen).to(dev, dtype)
+            t = torch.arange(n, device=dev)
+            cache[table[t // bs].long(), t % bs] = k.permute(1, 0, 2)
+        qs.append(q)
+        caches.append(cache)
+        refs.append(scoring.window_stats(q, k, pool, None, probs_dtype, fix_bias))
+    cfg = _scoring._cfg(d)
+    assert _scoring._gluon_pass2(cfg, dev, _scoring._ROUND[probs_dtype], pool // 2, d, dtype, dtype) is not None
+    st = _scoring.window_stats_layers(torch.stack(qs), caches, table, n, pool, None, probs_dtype, fix_bias)
+    for layer, ref in enumerate(refs):
+        got = scoring.WindowStats(st.defensive_max[layer], st.snapkv[layer], st.unpooled_mean[layer],
+                                  float(st.window_bias[layer]))
+        check_stats(got, ref, probs_dtype, fix_bias)
+
+
+CASES = [
+    # hq, hkv, d, bs, n, w, dtype, probs, pool, layout, fix_bias, progs
+    pytest.param(14, 2, 64, 16, 700, 32, BF16, BF16, 5, "NHD", False, 0, id="qwen-700"),
+    pytest.param(14, 2, 64, 16, 4099, 32, BF16, BF16, 5, "HND", False, 7, id="qwen-4k-7progs-warmup"),
+    pytest.param(14, 2, 64, 32, 2053, 32, FP16, FP16, 5, "FA", True, 5, id="qwen-fp16-fixbias-5progs"),
+    pytest.param(7, 1, 64, 64, 40, 32, BF16, BF16, 5, "NHD", False, 0, id="P8-shorter-than-a-tile"),
+    pytest.param(7, 1, 64, 16, 33, 32, BF16, BF16, 5, "NHD", False, 0, id="P1"),
+    pytest.param(4, 1, 64, 16, 32 + 64, 8, BF16, BF16, 5, "NHD", False, 0, id="P64-two-tiles-exactly"),
+    pytest.param(4, 2, 64, 16, 600, 8, BF16, BF16, 3, "NHD", False, 3, id="pool3"),
+    pytest.param(4, 2, 64, 16, 600, 8, BF16, BF16, 17, "NHD", False, 3, id="pool17-halo8"),
+    pytest.param(4, 1, 64, 16, 300, 8, BF16, BF16, 1, "HND", False, 2, id="no-pooling"),
+    pytest.param(8, 2, 128, 16, 3000, 16, BF16, BF16, 5, "FA", False, 4, id="d128-rows32"),
+    pytest.param(6, 2, 64, 24, 1500, 16, BF16, BF16, 5, "NHD", False, 3, id="block24-not-pow2-rows-padded"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,pool,layout,fix_bias,progs", CASES)
+def test_gluon_pass2_matches_reference(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fix_bias,
+                                       progs):
+    _run(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fix_bias, progs, seed=n + hq)
+
+
+@pytest.mark.gpu
+def test_gluon_pass2_layers(monkeypatch):
+    """Three layers in one call (the layered path's pair axis), Qwen's shape."""
+    _run(monkeypatch, 14, 2, 64, 16, 3001, 32, BF16, BF16, 5, "NHD", False, progs=4, layers=3, seed=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [32768, 131072])
+def test_gluon_pass2_real_sizes(monkeypatch, n):
+    _run(monkeypatch, 14, 2, 64, 16, n, 32, BF16, BF16, 5, "NHD", False, seed=n)
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_gluon_and_triton_pass2_agree(monkeypatch):
+    """The two pass-2 kernels on the same inputs: the same scores up to fp32 summation order
+    (the exact row sums add in another order: a few tokens differ by ~2e-6)."""
+    gen = torch.Generator().manual_seed(11)
+    dev = torch.device("cuda")
+    q, k = attention_inputs(14, 2, 32, 9000, 64, BF16, dev, gen)
+    cache, table = make_paged(k, 16, "NHD", gen=gen)
+    out = {}
+    for on in (0, 1):
+        override_scoring_config(monkeypatch, p2_gluon=on)
+        out[on] = _scoring.window_stats(q, cache, table, 9000, 5, None, BF16)
+    for name in ("defensive_max", "snapkv", "unpooled_mean"):
+        a, b = getattr(out[1], name), getattr(out[0], name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    assert abs(out[1].window_bias - out[0].window_bias) <= 1e-6 * abs(out[0].window_bias)

@@ -52,21 +52,6 @@ KEYS_SMEM = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8
 
 
 @gluon.jit
-def _key_rows(K, blk, t, h, dd, skb, skt, skh, skd, block_size, BS_POW2: gl.constexpr, OFF32: gl.constexpr):
-    """Pointers to keys t (block ids blk) of head h: [keys, head dim] in the COPY layout."""
-    if BS_POW2:
-        off = t & (block_size - 1)
-    else:
-        off = t % block_size
-    if OFF32:
-        o = blk * skb + off * skt + h.to(gl.int32) * skh
-        return K + o[:, None] + dd[None, :] * skd
-    else:
-        return (K + blk.to(gl.int64)[:, None] * skb + off.to(gl.int64)[:, None] * skt + h * skh
-                + dd[None, :] * skd)
-
-
-@gluon.jit
 def _row_offsets(BT, t, P, h, skb, skt, skh, block_size, bs_shift, BS_POW2: gl.constexpr, OFF32: gl.constexpr):
     """Element offsets of keys t (a key per lane) of head h in the paged cache: computed where every
     lane has its own key, then spread to the copy layout's eight lanes a key (_issue)."""
@@ -339,8 +324,8 @@ def window_pass2_gluon(
     x_prev = gl.zeros([16, BR], gl.float32, MMA)
     if jt0 > 0:
         tw = jt0 * BN - 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, COPY))
-        kw = gl.load(_key_rows(K, _block_ids(BT, tw, P, block_size, bs_shift, BS_POW2), tw, h, dd, skb, skt, skh,
-                               skd, block_size, BS_POW2, OFF32), mask=(tw < P)[:, None], other=0.0)
+        ro = _row_offsets(BT, tw, P, h, skb, skt, skh, block_size, bs_shift, BS_POW2, OFF32)
+        kw = gl.load(K + ro[:, None] + dd[None, :] * skd, mask=(tw < P)[:, None], other=0.0)
         kwt = gl.convert_layout(gl.permute(kw, [1, 0]), OPB)
         pw = _probs(q, kwt, mx, inv_l, scale_log2, jt0 * BN - 16 + gl.arange(0, 16, layout=AX1), P, PDT, True)
         x_prev = mma_v2(band1, gl.convert_layout(gl.permute(pw, [1, 0]), OPB, assert_trivial=True), x_prev)

@@ -851,7 +851,6 @@ def _sass_loops(sass: str):
 
 
 PROBS = {0: "fp32", 1: "bf16", 2: "fp16"}  # probs_dtype by the kernels' ROUND code
-_PROBS_TL = {1: "bf16", 2: "fp16"}  # (as Triton dtypes in resources())
 
 
 def resources():
@@ -867,7 +866,6 @@ def resources():
 
     from vllm_defensive.triton_kernels import _compact, _scoring, _value_norm
 
-    _PROBS_TL.update({1: tl.bfloat16, 2: tl.float16})
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     one = {"sqd", "skd", "svd", "sd", "swi"}  # unit strides: Triton specialises them
     div16 = {"sqh", "sqw", "skb", "skt", "skh", "svb", "svt", "svh", "sb", "st", "sh", "swo", "RP", "HEAD_D",
@@ -933,9 +931,9 @@ def resources():
         if gluon:  # the Gluon pass 2, for 16-bit probabilities (where the host code picks it)
             from triton.experimental.gluon._runtime import GluonASTSource
 
-            for rnd in (1, 2):
+            for rnd, pdt in ((1, tl.bfloat16), (2, tl.float16)):
                 comp(gluon.window_pass2_gluon, t2,
-                     dict(HALF=2, KPOOL=5, BD=d, RBITS=max(1, (rp - 1).bit_length()), PDT=_PROBS_TL[rnd],
+                     dict(HALF=2, KPOOL=5, BD=d, RBITS=max(1, (rp - 1).bit_length()), PDT=pdt,
                           KDT=tl.bfloat16, ALIGNED=True, BS_POW2=True, OFF32=True, STAGES=int(c["p2_gluon_stages"]),
                           Q_SMEM=bool(c["p2_gluon_q_smem"])),
                      dict(num_warps=1, **_scoring._maxnreg(c["p2_gluon_maxnreg"])),

@@ -906,12 +906,12 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     cfg = _cfg(d)
     br = _row_block(rows, cfg)
     nrb = triton.cdiv(rows, br)
-    gluon = _gluon_pass2(cfg, dev, _ROUND[probs_dtype], pool_kernel // 2, d, cdt, kc.dtype)
+    rnd = _ROUND[probs_dtype]
+    gluon = _gluon_pass2(cfg, dev, rnd, half, d, cdt, kc.dtype)
     # pass 2's rows per program (its row blocks run in parallel)
     br2 = gluon.ROWS_PER_PROGRAM if gluon else (int(cfg["p2_br"]) or br)
     nrb2 = triton.cdiv(rows, br2)
     rp = max(nrb * br, nrb2 * br2)
-    rnd = _ROUND[probs_dtype]
     exact = rnd > 0
     if fix_window_bias:
         bias_lo, bias_hi = p, n
@@ -937,9 +937,10 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     bn2 = cfg["p2_bn"]
     if 2 * half >= bn2 // 2:
         bn2 = _next_pow2(8 * half)  # keep the tile overlap (2 * half keys) a small fraction
-    n_tiles = triton.cdiv(p, bn2 - 2 * half)
-    if gluon:
-        n_tiles = triton.cdiv(p + half, gluon.KEYS_PER_TILE)  # no halo: tiles of 32 keys, outputs lagging half keys
+    if gluon:  # no halo: tiles of 32 keys, their outputs lagging half keys behind
+        n_tiles = triton.cdiv(p + half, gluon.KEYS_PER_TILE)
+    else:
+        n_tiles = triton.cdiv(p, bn2 - 2 * half)
     rbits = max(1, (rp - 1).bit_length())  # row index of the max, padded rows included
     per_sm = (cfg["p2_gluon_programs_per_sm"] if gluon else 0) or cfg["p2_programs_per_sm"]
     progs = max(1, per_sm * sms // (pairs * nrb2)) if dev.type == "cuda" else 2

@@ -871,7 +871,7 @@ def resources():
     div16 = {"sqh", "sqw", "skb", "skt", "skh", "svb", "svt", "svh", "sb", "st", "sh", "swo", "RP", "HEAD_D",
              "idx_sl", "idx_sh"}
 
-    def comp(fn, types, consts, opts, elems=None, label="", source=ASTSource):
+    def comp(fn, types, consts, opts, elems=None, label="", source=ASTSource, largest=False):
         consts = dict(consts, **{n: 1 for n in fn.arg_names if n in one})
         sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
         sig.update({n: "fp32" for n in ("scale_log2", "inv_rows") if n in sig})
@@ -893,6 +893,8 @@ def resources():
             # the tile loops in code order (pass 2 with its interior loop: edge tiles before, the
             # interior, edge tiles after; the interior one is what the long prompts run)
             found = [x for x in _sass_loops(sass) if x[1] >= 64] or [(0, 0, None)]
+            if largest:  # (the Gluon pass 1: its interior loop; the others are the exact path's)
+                found = [max(found, key=lambda x: x[0])]
             loops = [x[1] for x in found]
             hot = (f" hot loop{'s' if len(loops) > 1 else ''} {' / '.join(map(str, loops))} instr = "
                    f"{' / '.join(f'{n / elems:.1f}' for n in loops)} per element, copies in flight at the wait "
@@ -940,6 +942,20 @@ def resources():
                      gluon.ROWS_PER_PROGRAM * gluon.KEYS_PER_TILE / 32,
                      f"{name} BR={gluon.ROWS_PER_PROGRAM} BN={gluon.KEYS_PER_TILE} probs {PROBS[rnd]}",
                      source=GluonASTSource)
+        # the Gluon pass 1 (sm_90; off by default: slower than the Triton one so far), with and
+        # without its polynomial exponentials
+        from vllm_defensive.triton_kernels import _scoring_gluon_pass1 as g1
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        ng1 = -(-g * WINDOW // g1.ROWS_PER_GROUP)
+        for npoly in (0, 1):
+            comp(g1.window_pass1_gluon, dict(ptrs, PART="*fp32"),
+                 dict(HALF=2, KPOOL=5, BD=d, NG=ng1, KDT=tl.bfloat16, ALIGNED=True, BS_POW2=True, OFF32=True,
+                      STAGES=int(c["p1_gluon_stages"]), NPOLY=npoly, AHEAD=bool(c["p1_gluon_ahead"])),
+                 dict(num_warps=4, **_scoring._maxnreg(c["p1_gluon_maxnreg"])),
+                 ng1 * g1.ROWS_PER_GROUP * g1.KEYS_PER_TILE / 128,
+                 f"{name} NG={ng1} BN={g1.KEYS_PER_TILE} npoly {npoly}{'' if c['p1_gluon'] else ' (off)'}",
+                 source=GluonASTSource, largest=True)
         # the small kernels around the passes: compiled too (a GPU-only compile error shows here)
         comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32"},
              dict(BR=_scoring.COMBINE_ROWS, BS=_scoring.COMBINE_SPLITS),

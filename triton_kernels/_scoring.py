@@ -115,6 +115,16 @@ CONFIG = {
     "p2_gluon_stages": 3,  # key tiles in the Gluon pass 2's shared-memory ring
     "p2_gluon_q_smem": 0,  # its queries reloaded from shared memory every tile (32 registers fewer)
     "p2_gluon_programs_per_sm": 0,  # its programs per SM (0: p2_programs_per_sm)
+    # pass 1 in Gluon (`_scoring_gluon_pass1`) where it applies (sm_90, 16-bit, <= 256 window rows):
+    # off, slower than the Triton kernel so far (H200, Qwen, every layer at 32K: 190 us at the settings
+    # below against 175; benchmarks/results/kernels/h200_2026-12-02h/)
+    "p1_gluon": 0,
+    "p1_gluon_npoly": 0,  # its row groups whose exponentials run on the FMA pipe (a polynomial): 1 was slower
+    "p1_gluon_stages": 3,  # key tiles in its shared-memory ring
+    "p1_gluon_ahead": 0,  # the next group's product issued before a group's exponentials (16 registers)
+    "p1_gluon_maxnreg": 168,  # three programs per SM (without a cap: 255 registers, two; 128 spills)
+    "p1_gluon_programs_per_sm": 3,  # its interior splits: programs per SM
+    "p1_gluon_min_tiles": 8,  # key tiles per interior split, at least
 }
 # Per head-dim overrides of CONFIG: the best of the H200 runs on the layered path at 32K
 # (benchmarks/results/kernels/h200_2026-12-01b/, h200_2026-12-02/, h200_2026-12-02b/, h200_2026-12-02c/,
@@ -796,6 +806,21 @@ def _gluon_pass2(cfg: dict, dev: torch.device, rnd: int, half: int, d: int, cdt,
     return _scoring_gluon
 
 
+def _gluon_pass1(cfg: dict, dev: torch.device, d: int, rows: int, cdt, kdt):
+    """The Gluon pass-1 module where it applies (else None): `p1_gluon` on, a Hopper GPU (warpgroup
+    MMA: sm_90 only), 16-bit queries and keys, head dim 64 or 128, at most 8 groups of 32 window rows."""
+    if not (cfg["p1_gluon"] and dev.type == "cuda" and d in (64, 128) and cdt == kdt
+            and kdt in (torch.bfloat16, torch.float16)):
+        return None
+    if torch.cuda.get_device_capability(dev) != (9, 0):
+        return None
+    try:
+        from . import _scoring_gluon_pass1 as g1
+    except ImportError:  # a Triton without Gluon
+        return None
+    return g1 if rows <= g1.ROWS_PER_GROUP * g1.MAX_GROUPS else None
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -919,21 +944,34 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         bias_lo, bias_hi = max(p - w, 0), p
     sms = _num_sms(dev.type, dev.index)
 
-    bn1 = cfg["p1_bn"]
-    if _split_len is None:
-        target = max(1, cfg["p1_programs_per_sm"] * sms // max(1, pairs * nrb))
-        tiles = triton.cdiv(n, bn1)
-        split_tiles = triton.cdiv(tiles, target)
-        if dev.type == "cuda":
-            # at least p1_min_tiles tiles a split while that still leaves a program per SM: one layer
-            # on few pairs would otherwise get splits of one or two tiles, too short to fill pass 1's
-            # pipeline (H200, one layer at 32K: Qwen 15.8 -> 12.9 us, Llama 36.5 -> 32.6)
-            wave_splits = triton.cdiv(sms, max(1, pairs * nrb))  # splits for one program per SM
-            split_tiles = max(split_tiles, min(cfg["p1_min_tiles"], max(1, tiles // wave_splits)))
-        split_len = split_tiles * bn1
+    g1 = _gluon_pass1(cfg, dev, d, rows, cdt, kc.dtype) if _split_len is None else None
+    if g1:
+        # interior tiles (every key real, below the bias columns and the pooling edge at P) on split
+        # programs; the edge tiles on one program per group of 32 rows (split indices 0 .. ng - 1)
+        bn1 = g1.KEYS_PER_TILE
+        ng1 = triton.cdiv(rows, g1.ROWS_PER_GROUP)
+        t_lo = triton.cdiv(half, bn1)
+        t_hi = max(t_lo, min(p - half, bias_lo) // bn1)
+        n_int = t_hi - t_lo
+        target = max(1, cfg["p1_gluon_programs_per_sm"] * sms // pairs)
+        tps1 = max(1, triton.cdiv(n_int, target), min(cfg["p1_gluon_min_tiles"], n_int))
+        nsplit = ng1 + triton.cdiv(n_int, tps1)
     else:
-        split_len = int(_split_len)
-    nsplit = triton.cdiv(n, split_len)
+        bn1 = cfg["p1_bn"]
+        if _split_len is None:
+            target = max(1, cfg["p1_programs_per_sm"] * sms // max(1, pairs * nrb))
+            tiles = triton.cdiv(n, bn1)
+            split_tiles = triton.cdiv(tiles, target)
+            if dev.type == "cuda":
+                # at least p1_min_tiles tiles a split while that still leaves a program per SM: one layer
+                # on few pairs would otherwise get splits of one or two tiles, too short to fill pass 1's
+                # pipeline (H200, one layer at 32K: Qwen 15.8 -> 12.9 us, Llama 36.5 -> 32.6)
+                wave_splits = triton.cdiv(sms, max(1, pairs * nrb))  # splits for one program per SM
+                split_tiles = max(split_tiles, min(cfg["p1_min_tiles"], max(1, tiles // wave_splits)))
+            split_len = split_tiles * bn1
+        else:
+            split_len = int(_split_len)
+        nsplit = triton.cdiv(n, split_len)
     bn2 = cfg["p2_bn"]
     if 2 * half >= bn2 // 2:
         bn2 = _next_pow2(8 * half)  # keep the tile overlap (2 * half keys) a small fraction
@@ -976,15 +1014,26 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     bs_eff, bs_pow2, off32 = _addressing(kc)
     bs_shift = bs_eff.bit_length() - 1
 
-    _window_pass1[(nrb, nsplit, pairs)](
-        q, kptrs, block_table, part,
-        q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
-        n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2,
-        HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned,
-        DOT_PREC=dot_prec, INTERP=interp, BS_POW2=bs_pow2, OFF32=off32,
-        num_warps=_p1_warps(br, cfg), num_stages=cfg["p1_stages"],
-        **_maxnreg(cfg["p1_maxnreg"]),
-    )
+    if g1:
+        g1.window_pass1_gluon[(nsplit, pairs)](
+            q, kptrs, block_table, part,
+            q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
+            n, p, w, g, rows, rp, bias_lo, bias_hi, t_lo, t_hi, tps1, nsplit, scale_log2,
+            HALF=half, KPOOL=pool_kernel, BD=d, NG=ng1, KDT=_TL[kc.dtype], ALIGNED=aligned, BS_POW2=bs_pow2,
+            OFF32=off32, STAGES=int(cfg["p1_gluon_stages"]), NPOLY=int(cfg["p1_gluon_npoly"]),
+            AHEAD=bool(cfg["p1_gluon_ahead"]),
+            num_warps=4, **_maxnreg(cfg["p1_gluon_maxnreg"]),
+        )
+    else:
+        _window_pass1[(nrb, nsplit, pairs)](
+            q, kptrs, block_table, part,
+            q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
+            n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2,
+            HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned,
+            DOT_PREC=dot_prec, INTERP=interp, BS_POW2=bs_pow2, OFF32=off32,
+            num_warps=_p1_warps(br, cfg), num_stages=cfg["p1_stages"],
+            **_maxnreg(cfg["p1_maxnreg"]),
+        )
     # [COMBINE_SPLITS x COMBINE_ROWS] tiles on programs of their own row blocks (not pass 1's): one
     # layer's few pairs have hundreds of splits, which 128-row programs merged 16 at a time in a
     # chain of dependent loads (H200, one layer at 32K: 55 us for Qwen's shape, half the call).

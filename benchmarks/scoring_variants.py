@@ -8,7 +8,8 @@ The 2026-12-02b to g records (results/kernels/h200_2026-12-02b/sweep*.json,
 h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/sweep_*.json,
 h200_2026-12-02e/sweep_*.json, h200_2026-12-02f/sweep_*.json, h200_2026-12-02g/sweep_*.json, h200_2026-12-02h/sweep_*.json) came
 from this script with the VARIANTS of that pass (the last set is below: the Gluon pass 1 against the
-Triton one, and its settings); edit VARIANTS for the next one. --check adds each one's largest
+Triton one, and its settings); edit VARIANTS for the next one (the pairs and a_smem variants of
+h200_2026-12-02h were settings since dropped). --check adds each one's largest
 relative error against the reference."""
 import argparse
 import json
@@ -23,17 +24,10 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    "qwen05b": [{"p1_gluon": 0}, {},
-                {"p1_gluon_ahead": 0, "p1_gluon_maxnreg": 168, "p1_gluon_npoly": 0, "p1_gluon_programs_per_sm": 3},
-                {"p1_gluon_ahead": 0, "p1_gluon_maxnreg": 168, "p1_gluon_npoly": 1, "p1_gluon_programs_per_sm": 3},
-                {"p1_gluon_ahead": 1, "p1_gluon_maxnreg": 168, "p1_gluon_npoly": 0, "p1_gluon_programs_per_sm": 3},
-                {"p1_gluon_ahead": 0, "p1_gluon_maxnreg": 128, "p1_gluon_npoly": 0, "p1_gluon_programs_per_sm": 4},
-                {"p1_gluon_ahead": 0, "p1_gluon_maxnreg": 168, "p1_gluon_npoly": 0, "p1_gluon_programs_per_sm": 3,
-                 "p1_gluon_stages": 4},
-                {"p1_gluon_ahead": 0, "p1_gluon_maxnreg": 168, "p1_gluon_npoly": 0, "p1_gluon_programs_per_sm": 6}],
-    "llama8b": [{}, {"p1_gluon": 1, "p1_gluon_npoly": 0},
-                {"p1_gluon": 1, "p1_gluon_ahead": 0, "p1_gluon_maxnreg": 168, "p1_gluon_npoly": 0,
-                 "p1_gluon_programs_per_sm": 2}],
+    "qwen05b": [{"p1_gluon": 0}, {"p1_gluon": 1}, {"p1_gluon": 1, "p1_gluon_npoly": 1},
+                {"p1_gluon": 1, "p1_gluon_ahead": 1}, {"p1_gluon": 1, "p1_gluon_stages": 4},
+                {"p1_gluon": 1, "p1_gluon_ahead": 1, "p1_gluon_maxnreg": 0, "p1_gluon_programs_per_sm": 2}],
+    "llama8b": [{}, {"p1_gluon": 1}, {"p1_gluon": 1, "p1_gluon_stages": 2}],
 }
 
 

@@ -42,8 +42,8 @@ def test_where_the_gluon_pass1_applies():
 
 
 def _run(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fix_bias, npoly=1, layers=1, seed=0,
-         low_tile=None):
-    override_scoring_config(monkeypatch, p1_gluon=1, p1_gluon_npoly=npoly)
+         low_tile=None, **settings):
+    override_scoring_config(monkeypatch, p1_gluon=1, p1_gluon_npoly=npoly, **settings)
     gen = torch.Generator().manual_seed(seed)
     dev = torch.device("cuda")
     qs, caches, refs, table = [], [], [], None
@@ -96,6 +96,18 @@ CASES = [
 def test_gluon_pass1_matches_reference(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fix_bias,
                                        npoly):
     _run(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fix_bias, npoly, seed=n + hq)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="warpgroup MMA: sm_90")
+@pytest.mark.parametrize("ahead", [0, 1])
+@pytest.mark.parametrize("case", ["qwen-4k", "llama-d128", "block24-rows48-padded-group", "pool17-group-spans-heads",
+                                  "d128-eight-groups-fp16"])
+def test_gluon_pass1_next_product_in_flight(monkeypatch, case, ahead):
+    """The next group's product issued before a group's exponentials (`p1_gluon_ahead`) or after:
+    7, 4, 2, 1 and 8 groups of rows."""
+    c = next(p.values for p in CASES if p.id == case)
+    _run(monkeypatch, *c, seed=c[4] + c[0], p1_gluon_ahead=ahead)
 
 
 @pytest.mark.gpu

@@ -35,6 +35,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+from ._scoring_gluon import _row_offsets  # keys' element offsets in the paged cache (mask: t < its bound)
+
 KEYS_PER_TILE = 64
 ROWS_PER_GROUP = 32
 MAX_GROUPS = 8
@@ -79,22 +81,6 @@ def _exp2_poly(x):
 
 
 @gluon.jit
-def _key_offsets(BT, t, lim, h, skb, skt, skh, block_size, bs_shift, BS_POW2: gl.constexpr, OFF32: gl.constexpr):
-    """Element offsets of keys t of head h in the paged cache (block ids of keys >= lim: block 0)."""
-    if BS_POW2:
-        bi = t >> bs_shift
-        off = t & (block_size - 1)
-    else:
-        bi = t // block_size
-        off = t % block_size
-    blk = gl.load(BT + bi, mask=t < lim, other=0)
-    if OFF32:
-        return blk * skb + off * skt + h.to(gl.int32) * skh
-    else:
-        return blk.to(gl.int64) * skb + off.to(gl.int64) * skt + h * skh
-
-
-@gluon.jit
 def _scores(kb, qs, g: gl.constexpr):
     """Start S^T = K Q_g^T for group g: [64 keys, 32 rows] (asynchronous: a token to wait on). kb:
     the key tile in shared memory or in registers (OPA)."""
@@ -124,6 +110,7 @@ def _tile_sums(kb, qs, a0, a1, a2, a3, a4, a5, a6, a7, m0, m1, m2, m3, m4, m5, m
     """One interior tile: every group's exp2(s - m) added to its accumulator. AHEAD: group g + 1's
     product in flight while group g's exponentials run (16 registers more)."""
     t = _scores(kb, qs, 0)
+    # (no lists of tensors in Gluon: a name per group's accumulator and offset, picked at compile time)
     for g in gl.static_range(NG):
         if AHEAD and g + 1 < NG:
             t_next = _scores(kb, qs, g + 1)
@@ -196,7 +183,7 @@ def _tile_scores(kb_s, K, BT, qs, g: gl.constexpr, jt, L, h, dd, skb, skt, skh, 
     """Group g's scores against tile jt, the keys loaded straight into one shared buffer (the exact
     path: few tiles)."""
     t = jt * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, COPY))
-    ro = _key_offsets(BT, t, L, h, skb, skt, skh, block_size, bs_shift, BS_POW2, OFF32)
+    ro = _row_offsets(BT, t, L, h, skb, skt, skh, block_size, bs_shift, BS_POW2, OFF32)
     k = gl.load(K + ro[:, None] + dd[None, :] * skd, mask=(t < L)[:, None], other=0.0)
     gl.thread_barrier()  # everyone is done with the buffer's previous tile
     kb_s.store(k)
@@ -302,11 +289,11 @@ def window_pass1_gluon(
             tk = gl.arange(0, BN, layout=gl.SliceLayout(1, COPY))
             for s in gl.static_range(STAGES - 1):
                 if jt0 + s < jt1:
-                    ro = _key_offsets(BT, (jt0 + s) * BN + tk, L, h, skb, skt, skh, block_size, bs_shift,
+                    ro = _row_offsets(BT, (jt0 + s) * BN + tk, L, h, skb, skt, skh, block_size, bs_shift,
                                       BS_POW2, OFF32)
                     _issue(ring, jt0 + s, ro, K, dd, skd, STAGES)
                 async_copy.commit_group()
-            ro_next = _key_offsets(BT, (jt0 + STAGES - 1) * BN + tk, L, h, skb, skt, skh, block_size, bs_shift,
+            ro_next = _row_offsets(BT, (jt0 + STAGES - 1) * BN + tk, L, h, skb, skt, skh, block_size, bs_shift,
                                    BS_POW2, OFF32)
 
             # the first tile: each group's offset
@@ -353,7 +340,7 @@ def window_pass1_gluon(
                 if nxt < jt1:
                     _issue(ring, nxt, ro_next, K, dd, skd, STAGES)
                 async_copy.commit_group()
-                ro_next = _key_offsets(BT, (nxt + 1) * BN + tk, L, h, skb, skt, skh, block_size, bs_shift,
+                ro_next = _row_offsets(BT, (nxt + 1) * BN + tk, L, h, skb, skt, skh, block_size, bs_shift,
                                        BS_POW2, OFF32)
                 a0, a1, a2, a3, a4, a5, a6, a7 = _tile_sums(
                     ka, qs, a0, a1, a2, a3, a4, a5, a6, a7, m0, m1, m2, m3, m4, m5, m6, m7,

@@ -50,6 +50,30 @@ def attention_inputs(hq: int, hkv: int, w: int, n: int, d: int, dtype, device, g
     return q.to(device=device, dtype=dtype), k.to(device=device, dtype=dtype)
 
 
+def layered_paged_inputs(hq: int, hkv: int, w: int, n: int, d: int, dtype, device, gen: torch.Generator,
+                         block_size: int, layout: str, layers: int, edit=None):
+    """`layers` layers of attention_inputs in paged caches that share one block table (the layered
+    path's contract; more than one layer needs the NHD layout). edit(q, k) -> (q, k) changes a
+    layer's inputs before they are paged. Returns the queries, the caches, the dense keys and the
+    block table."""
+    qs, caches, keys, table = [], [], [], None
+    for _ in range(layers):
+        q, k = attention_inputs(hq, hkv, w, n, d, dtype, device, gen)
+        if edit is not None:
+            q, k = edit(q, k)
+        if table is None:
+            cache, table = make_paged(k, block_size, layout, gen=gen)
+        else:  # the first layer's block table: keys written through it into a cache of the same shape
+            assert layout == "NHD"
+            cache = torch.randn(caches[0].shape, generator=gen).to(device, dtype)
+            t = torch.arange(n, device=device)
+            cache[table[t // block_size].long(), t % block_size] = k.permute(1, 0, 2)
+        qs.append(q)
+        caches.append(cache)
+        keys.append(k)
+    return qs, caches, keys, table
+
+
 def assert_topk_agree(got: torch.Tensor, ref: torch.Tensor, k: int, rtol: float, close: float = 1e-4) -> None:
     """Per-row top-k sets agree except where the reference is tied at the cut (within rtol).
 

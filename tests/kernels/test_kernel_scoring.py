@@ -58,6 +58,14 @@ def check_stats(got, ref, probs_dtype, fix_bias=False, keep_frac=0.2):
     assert_topk_agree(got.snapkv, ref.snapkv, k, 1e-4)
 
 
+def check_layers(st, refs, probs_dtype, fix_bias=False):
+    """check_stats for each layer of a window_stats_layers result against its reference."""
+    for layer, ref in enumerate(refs):
+        got = scoring.WindowStats(st.defensive_max[layer], st.snapkv[layer], st.unpooled_mean[layer],
+                                  float(st.window_bias[layer]))
+        check_stats(got, ref, probs_dtype, fix_bias)
+
+
 def run_case(device, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, split_len, fix_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     q, k = attention_inputs(hq, hkv, w, n, d, dtype, device, gen)

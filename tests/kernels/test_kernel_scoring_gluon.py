@@ -9,8 +9,8 @@ that starts mid-prompt, the bias columns inside the last tiles, and prompts shor
 
 import pytest
 import torch
-from kernel_testutil import attention_inputs, make_paged
-from test_kernel_scoring import BF16, FP16, check_stats, override_scoring_config
+from kernel_testutil import attention_inputs, layered_paged_inputs, make_paged
+from test_kernel_scoring import BF16, FP16, check_layers, override_scoring_config
 
 from vllm_defensive.policy import scoring
 from vllm_defensive.triton_kernels import _scoring
@@ -41,26 +41,12 @@ def _run(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fi
     override_scoring_config(monkeypatch, p2_gluon=1, p2_progs=progs)
     gen = torch.Generator().manual_seed(seed)
     dev = torch.device("cuda")
-    qs, caches, refs, table = [], [], [], None
-    for layer in range(layers):
-        q, k = attention_inputs(hq, hkv, w, n, d, dtype, dev, gen)
-        if table is None:
-            cache, table = make_paged(k, bs, layout, gen=gen)
-        else:  # every layer shares the block table (and, contiguous, the layout): keys through it
-            assert layout == "NHD"
-            cache = torch.randn(caches[0].shape, generator=gen).to(dev, dtype)
-            t = torch.arange(n, device=dev)
-            cache[table[t // bs].long(), t % bs] = k.permute(1, 0, 2)
-        qs.append(q)
-        caches.append(cache)
-        refs.append(scoring.window_stats(q, k, pool, None, probs_dtype, fix_bias))
+    qs, caches, keys, table = layered_paged_inputs(hq, hkv, w, n, d, dtype, dev, gen, bs, layout, layers)
+    refs = [scoring.window_stats(q, k, pool, None, probs_dtype, fix_bias) for q, k in zip(qs, keys)]
     cfg = _scoring._cfg(d)
     assert _scoring._gluon_pass2(cfg, dev, _scoring._ROUND[probs_dtype], pool // 2, d, dtype, dtype) is not None
     st = _scoring.window_stats_layers(torch.stack(qs), caches, table, n, pool, None, probs_dtype, fix_bias)
-    for layer, ref in enumerate(refs):
-        got = scoring.WindowStats(st.defensive_max[layer], st.snapkv[layer], st.unpooled_mean[layer],
-                                  float(st.window_bias[layer]))
-        check_stats(got, ref, probs_dtype, fix_bias)
+    check_layers(st, refs, probs_dtype, fix_bias)
 
 
 CASES = [

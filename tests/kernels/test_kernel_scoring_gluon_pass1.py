@@ -10,8 +10,8 @@ one program per group, the polynomial exponentials, and groups of 32 rows that s
 
 import pytest
 import torch
-from kernel_testutil import attention_inputs, make_paged
-from test_kernel_scoring import BF16, FP16, check_stats, override_scoring_config
+from kernel_testutil import attention_inputs, layered_paged_inputs, make_paged
+from test_kernel_scoring import BF16, FP16, check_layers, override_scoring_config
 
 from vllm_defensive.policy import scoring
 from vllm_defensive.triton_kernels import _scoring
@@ -46,31 +46,21 @@ def _run(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fi
     override_scoring_config(monkeypatch, p1_gluon=1, p1_gluon_npoly=npoly, **settings)
     gen = torch.Generator().manual_seed(seed)
     dev = torch.device("cuda")
-    qs, caches, refs, table = [], [], [], None
-    for layer in range(layers):
-        q, k = attention_inputs(hq, hkv, w, n, d, dtype, dev, gen)
-        if low_tile is not None:  # every query along one direction, the keys of one tile far against it
-            tile, size = low_tile
-            v = torch.randn(d, generator=gen)
-            v = (v / v.norm() * d ** 0.5).to(dev)
-            q = (q.float() * 0.1 + v).to(dtype)
-            k[:, tile * 64:(tile + 1) * 64] = (-size * v).to(dtype)
-        if table is None:
-            cache, table = make_paged(k, bs, layout, gen=gen)
-        else:
-            assert layout == "NHD"
-            cache = torch.randn(caches[0].shape, generator=gen).to(dev, dtype)
-            t = torch.arange(n, device=dev)
-            cache[table[t // bs].long(), t % bs] = k.permute(1, 0, 2)
-        qs.append(q)
-        caches.append(cache)
-        refs.append(scoring.window_stats(q, k, pool, None, probs_dtype, fix_bias))
+
+    def edit(q, k):  # every query along one direction, the keys of one tile far against it
+        tile, size = low_tile
+        v = torch.randn(d, generator=gen)
+        v = (v / v.norm() * d ** 0.5).to(dev)
+        k = k.clone()
+        k[:, tile * 64:(tile + 1) * 64] = (-size * v).to(dtype)
+        return (q.float() * 0.1 + v).to(dtype), k
+
+    qs, caches, keys, table = layered_paged_inputs(hq, hkv, w, n, d, dtype, dev, gen, bs, layout, layers,
+                                                   edit if low_tile is not None else None)
+    refs = [scoring.window_stats(q, k, pool, None, probs_dtype, fix_bias) for q, k in zip(qs, keys)]
     assert _scoring._gluon_pass1(_scoring._cfg(d), dev, d, (hq // hkv) * w, dtype, dtype) is not None
     st = _scoring.window_stats_layers(torch.stack(qs), caches, table, n, pool, None, probs_dtype, fix_bias)
-    for layer, ref in enumerate(refs):
-        got = scoring.WindowStats(st.defensive_max[layer], st.snapkv[layer], st.unpooled_mean[layer],
-                                  float(st.window_bias[layer]))
-        check_stats(got, ref, probs_dtype, fix_bias)
+    check_layers(st, refs, probs_dtype, fix_bias)
 
 
 CASES = [

@@ -50,8 +50,8 @@ ROWS = gl.constexpr(gl.SliceLayout(0, MMA.value))  # along the rows (axis 1)
 COPY = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))
 SMEM = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
 # the key tile as the A operand in registers (ldmatrix from the ring): the tensor cores then read only
-# the queries from shared memory, written once, so the copies need no proxy fence each tile (whose
-# MEMBAR waited for the copies still in flight)
+# the queries from shared memory, written once, so the copies need no proxy fence each tile (it
+# compiles to MEMBAR.ALL.CTA; H200, Qwen at 32K: 250 -> 238 us without it)
 OPA = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA.value, k_width=2))
 LIMIT_HI = gl.constexpr(2.0 ** 100)  # outside [1 / LIMIT_HI, LIMIT_HI] a fast-path sum is recomputed
 LIMIT_LO = gl.constexpr(2.0 ** -100)

@@ -4,13 +4,12 @@ time) with the per-kernel split, one change of the tuned per-head-dim defaults a
     python benchmarks/scoring_variants.py [--tokens 32768] [shape ...]   # writes $OUT/variants.json
     TRITON_INTERPRET=1 python benchmarks/scoring_variants.py --dry-cpu --tokens 100 qwen05b  # CPU check
 
-The 2026-12-02b to g records (results/kernels/h200_2026-12-02b/sweep*.json,
-h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/sweep_*.json,
-h200_2026-12-02e/sweep_*.json, h200_2026-12-02f/sweep_*.json, h200_2026-12-02g/sweep_*.json, h200_2026-12-02h/sweep_*.json) came
-from this script with the VARIANTS of that pass (the last set is below: the Gluon pass 1 against the
-Triton one, and its settings); edit VARIANTS for the next one (the pairs and a_smem variants of
-h200_2026-12-02h were settings since dropped). --check adds each one's largest
-relative error against the reference."""
+The 2026-12-02b to h and 2026-12-03 records (results/kernels/h200_2026-12-02b/sweep*.json,
+h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/ to h200_2026-12-02h/ and
+h200_2026-12-03/sweep_*.json) came from this script with the VARIANTS of that pass (the last set is
+below: the 2026-12-03 changes, each turned off alone, and pass 1's settings with its fixed offset);
+edit VARIANTS for the next one.
+--check adds each one's largest relative error against the reference."""
 import argparse
 import json
 import os
@@ -24,10 +23,9 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    "qwen05b": [{"p1_gluon": 0}, {"p1_gluon": 1}, {"p1_gluon": 1, "p1_gluon_npoly": 1},
-                {"p1_gluon": 1, "p1_gluon_ahead": 1}, {"p1_gluon": 1, "p1_gluon_stages": 4},
-                {"p1_gluon": 1, "p1_gluon_ahead": 1, "p1_gluon_maxnreg": 0, "p1_gluon_programs_per_sm": 2}],
-    "llama8b": [{}, {"p1_gluon": 1}, {"p1_gluon": 1, "p1_gluon_stages": 2}],
+    "qwen05b": [{}, {"p1_fixed_offset": 0}, {"p2_gluon_atomic_max": 0}, {"p1_maxnreg": 168},
+                {"p1_programs_per_sm": 12}, {"p1_programs_per_sm": 4}, {"p1_stages": 4}],
+    "llama8b": [{}, {"p1_fixed_offset": 0}, {"p2_gluon_atomic_max": 0}, {"p1_stages": 4}],
 }
 
 

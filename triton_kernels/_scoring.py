@@ -95,6 +95,7 @@ CONFIG = {
     "p1_stages": 5,
     "p1_programs_per_sm": 4,  # pass-1 split count target
     "p1_min_tiles": 8,  # pass-1 key tiles per split, at least (while a program per SM remains)
+    "p1_fixed_offset": 1,  # pass 1's interior tiles against one offset a row (no running maximum)
     "p2_bn": 64,  # prefix keys per pass-2 tile
     "p2_warps": 4,  # H100 sweep at 32K: 4 warps beat 8 by 25-35% (benchmarks/results/kernels)
     "p2_stages": 2,
@@ -114,6 +115,10 @@ CONFIG = {
     "p2_gluon_maxnreg": 168,
     "p2_gluon_stages": 3,  # key tiles in the Gluon pass 2's shared-memory ring
     "p2_gluon_q_smem": 0,  # its queries reloaded from shared memory every tile (32 registers fewer)
+    # its row blocks' column max merged by integer atomic max into one share (deterministic: max is
+    # order-free), so the fixup reads one share of it instead of one per row block (H200, Qwen, every
+    # layer at 32K: fixup 34 -> 24 us, pass 2 unchanged, plus a 2 us memset of the share)
+    "p2_gluon_atomic_max": 1,
     "p2_gluon_programs_per_sm": 0,  # its programs per SM (0: p2_programs_per_sm)
     # pass 1 in Gluon (`_scoring_gluon_pass1`) where it applies (sm_90, 16-bit, <= 256 window rows):
     # off, slower than the Triton kernel so far (H200, Qwen, every layer at 32K: 190 us at the settings
@@ -361,6 +366,19 @@ def _p1_tile(q, K, BT, start, k_hi, P, lim, h, dd, dmask, skb, skt, skh, skd, bl
     return m_new, l_all, l_pre, s_def, l_b
 
 
+@triton.jit
+def _p1_tile_fixed(q, K, BT, start, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift, scale_log2, m,
+                   BN: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+                   BS_POW2: tl.constexpr, OFF32: tl.constexpr):
+    """An interior tile's sums of exp2(s - m) against a fixed offset m (no running max: no max, no
+    rescale and no cross-lane max reduction a tile)."""
+    t = start + tl.arange(0, BN)
+    k = _load_key_tile(K, BT, t, tl.full([BN], 1, tl.int1), h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
+                       BS_POW2, OFF32).to(CDT)
+    s = _dot(q, tl.trans(k), DOT_PREC, INTERP)
+    return tl.sum(tl.exp2(s * scale_log2 - m[:, None]), 1)
+
+
 @triton.jit(do_not_specialize=_PASS1_LENGTHS)
 def _window_pass1(
     Q, KPTRS, BT, PART,
@@ -368,7 +386,7 @@ def _window_pass1(
     L, P, W, G, R, RP, HEAD_D, bias_lo, bias_hi, split_len, num_splits, scale_log2,
     HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     CDT: tl.constexpr, KDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-    BS_POW2: tl.constexpr, OFF32: tl.constexpr,
+    BS_POW2: tl.constexpr, OFF32: tl.constexpr, FIXED: tl.constexpr,
 ):
     rb = tl.program_id(0)
     sp = tl.program_id(1)
@@ -400,7 +418,33 @@ def _window_pass1(
         first = k_lo + BN
     last_end = tl.minimum(tl.minimum(k_hi, P - HALF), bias_lo)
     int_end = first + tl.maximum(0, (last_end - first) // BN) * BN
-    for start in range(first, int_end, BN):
+    exact_from = first  # the interior tiles from here on take the online update
+    if FIXED:
+        # The interior against one offset a row, its maximum over the first interior tile: a sum is
+        # right whatever offset it is taken against (the combine and pass 2 need exp2(s - m) finite and
+        # the sum not lost to underflow: it holds the first tile's maximum, 1). If a later key sits
+        # far above (a sum past 2^64, or inf / NaN), the split's interior is summed again, online.
+        if int_end > first:
+            m, l_all, l_pre, s_def, l_b = _p1_tile(
+                q, K, BT, first, k_hi, P, lim, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
+                scale_log2, bias_lo, bias_hi, m, l_all, l_pre, s_def, l_b,
+                HALF, KPOOL, BN, CDT, DOT_PREC, INTERP, BS_POW2, OFF32, False)
+            l_fix = tl.zeros([BR], tl.float32)
+            for start in range(first + BN, int_end, BN):
+                l_fix += _p1_tile_fixed(q, K, BT, start, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
+                                        scale_log2, m, BN, CDT, DOT_PREC, INTERP, BS_POW2, OFF32)
+            out_of_range = rmask & ~(l_fix <= 18446744073709551616.0)  # (true for NaN)
+            if tl.max(out_of_range.to(tl.int32), 0) > 0:
+                m = tl.full([BR], float("-inf"), tl.float32)
+                l_all = tl.zeros([BR], tl.float32)
+                l_pre = tl.zeros([BR], tl.float32)
+                s_def = tl.zeros([BR], tl.float32)
+                l_b = tl.zeros([BR], tl.float32)
+            else:
+                l_all += l_fix
+                l_pre += l_fix
+                exact_from = int_end
+    for start in range(exact_from, int_end, BN):
         m, l_all, l_pre, s_def, l_b = _p1_tile(
             q, K, BT, start, k_hi, P, lim, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
             scale_log2, bias_lo, bias_hi, m, l_all, l_pre, s_def, l_b,
@@ -733,14 +777,14 @@ def _window_sums(PSUMS, SUMS, R, RP, num_progs, BR: tl.constexpr, BP: tl.constex
 
 
 @triton.jit(do_not_specialize=["P", "part_stride"])
-def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV, NRB, part_stride, bias_src_stride,
-                  bias_src_off,
+def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV, NRB, NRB_MAX, part_stride,
+                  bias_src_stride, bias_src_off,
                   HALF: tl.constexpr, KPOOL: tl.constexpr, BN: tl.constexpr, BRB: tl.constexpr,
                   RBITS: tl.constexpr, ROUND: tl.constexpr, DO_FIX: tl.constexpr, INTERP: tl.constexpr,
                   MERGE: tl.constexpr):
-    """Merges pass 2's row blocks (NRB shares of the column outputs: the max, and the unpooled mean
-    added in row-block order) and finishes: the defensive max with the exact rounded-row sums
-    (pooled / (S + eps) * m, as the reference); SnapKV's pooled mean, which is the pooled unpooled
+    """Merges pass 2's row blocks (NRB shares of the unpooled mean, added in row-block order; NRB_MAX of
+    the packed max: 1 where pass 2 merged them itself by atomic max) and finishes: the defensive max
+    with the exact rounded-row sums (pooled / (S + eps) * m, as the reference); SnapKV's pooled mean, which is the pooled unpooled
     mean (pooling is linear: done here, off pass 2's hot loop); the window bias of each layer: the
     mean over its (KV head, row)s of their bias-column mass."""
     jt = tl.program_id(0)
@@ -765,7 +809,7 @@ def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV
         tmask = t < P
     out = h * P + t
     packed = tl.zeros([BN], tl.int32)  # values >= 0: their bits order like them
-    for b in range(NRB):
+    for b in range(NRB_MAX):
         packed = tl.maximum(packed, tl.load(PACKEDP + b * part_stride + out, mask=tmask, other=0))
     win = tl.zeros([BN], tl.float32)
     for k in tl.static_range(2 * HALF + 1):  # zero padding outside [0, P), count_include_pad
@@ -1001,11 +1045,16 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     pstride = -(-pairs * p // 32) * 32
     sizes = [pairs * nsplit * 5 * rp, pairs * 4 * rp, pairs * 3 * rp, psize, pairs * p, pairs * p, pairs * p,
              nrb2 * pstride if nrb2 > 1 else 0, nrb2 * pstride, lyr]
+    atomic_max = bool(gluon and cfg["p2_gluon_atomic_max"] and nrb2 > 1)
+    if atomic_max:
+        sizes[8] = pstride
     padded = [-(-x // 32) * 32 for x in sizes]
     ws = torch.empty(sum(padded), dtype=torch.float32, device=dev)
     part, rowstats, sums, psums, dmax, snap, unp, unpp, packedp, bias = (
         x[:n_] for x, n_ in zip(ws.split(padded), sizes))
     packedp = packedp.view(torch.int32)
+    if atomic_max:
+        packedp.zero_()  # (values >= 0: their bits order like them)
     if nrb2 == 1:
         unpp = unp
     kptrs = pointer_table([c.data_ptr() for c in key_caches], dev)
@@ -1030,7 +1079,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
             q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
             n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2,
             HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned,
-            DOT_PREC=dot_prec, INTERP=interp, BS_POW2=bs_pow2, OFF32=off32,
+            DOT_PREC=dot_prec, INTERP=interp, BS_POW2=bs_pow2, OFF32=off32, FIXED=bool(cfg["p1_fixed_offset"]),
             num_warps=_p1_warps(br, cfg), num_stages=cfg["p1_stages"],
             **_maxnreg(cfg["p1_maxnreg"]),
         )
@@ -1047,7 +1096,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
             p, w, g, rows, rp, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi, half,
             HALF=half, KPOOL=pool_kernel, BD=d, RBITS=rbits, PDT=_TL[probs_dtype], KDT=_TL[kc.dtype], ALIGNED=aligned,
             BS_POW2=bs_pow2, OFF32=off32, STAGES=int(cfg["p2_gluon_stages"]), Q_SMEM=bool(cfg["p2_gluon_q_smem"]),
-            num_warps=1, **_maxnreg(cfg["p2_gluon_maxnreg"]),
+            ATOMIC_MAX=atomic_max, num_warps=1, **_maxnreg(cfg["p2_gluon_maxnreg"]),
         )
     else:
         _window_pass2[(nrb2 * nprog, pairs)](
@@ -1071,8 +1120,8 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     fix_bn = 256
     fix_step = fix_bn - 2 * half if nrb2 > 1 else fix_bn  # (merging programs overlap by the halo)
     _window_fixup[(triton.cdiv(p, fix_step), pairs)](
-        dmax, snap, unp, unpp, packedp, rowstats, sums, bias, p, rows, rp, hkv, nrb2, pstride, bias_stride,
-        bias_src[bias_off:],
+        dmax, snap, unp, unpp, packedp, rowstats, sums, bias, p, rows, rp, hkv, nrb2, 1 if atomic_max else nrb2,
+        pstride, bias_stride, bias_src[bias_off:],
         HALF=half, KPOOL=pool_kernel, BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd,
         DO_FIX=exact, INTERP=interp, MERGE=nrb2 > 1, num_warps=4,
     )

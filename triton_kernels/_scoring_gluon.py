@@ -103,9 +103,9 @@ def _rows_operand(p):
 
 
 @gluon.jit
-def _probs(q, kt, mx, inv_l, scale_log2, t, P, PDT: gl.constexpr, EDGE: gl.constexpr):
+def _probs(q, kt, lse, scale_log2, t, P, PDT: gl.constexpr, EDGE: gl.constexpr):
     """16-bit probabilities of the block's rows against 16 keys (kt: their K^T as a B operand)."""
-    return _probs_of(_scores(q, kt), mx, inv_l, scale_log2, t, P, PDT, EDGE)
+    return _probs_of(_scores(q, kt), lse, scale_log2, t, P, PDT, EDGE)
 
 
 @gluon.jit
@@ -114,23 +114,25 @@ def _scores(q, kt):
 
 
 @gluon.jit
-def _probs_of(s, mx, inv_l, scale_log2, t, P, PDT: gl.constexpr, EDGE: gl.constexpr):
-    p = gl.exp2(s * scale_log2 - mx[:, None]) * inv_l[:, None]
+def _probs_of(s, lse, scale_log2, t, P, PDT: gl.constexpr, EDGE: gl.constexpr):
+    # exp2(s - max) / sum as one exponential of s - (max + log2 sum): a multiply an element fewer
+    p = gl.exp2(s * scale_log2 - lse[:, None])
     if EDGE:
         p = gl.where((t < P)[None, :], p, 0.0)  # keys past the prefix (zero-filled copies)
     return p.to(PDT)
 
 
 @gluon.jit
-def _tile(jt, s_lo, s_hi, mx, inv_l, c, r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg,
+def _tile(jt, s_lo, s_hi, lse, c, r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg,
           packed_out, unp_out, band0, band1, eye, ones, sel, x_prev, rs, s_acc,
-          HALF: gl.constexpr, KPOOL: gl.constexpr, RBITS: gl.constexpr, PDT: gl.constexpr, EDGE: gl.constexpr):
+          HALF: gl.constexpr, KPOOL: gl.constexpr, RBITS: gl.constexpr, PDT: gl.constexpr, EDGE: gl.constexpr,
+          ATOMIC_MAX: gl.constexpr):
     t0 = jt * BN
     k16 = gl.arange(0, 16, layout=AX1)
     t_lo = t0 + k16
     t_hi = t0 + 16 + k16
-    p_lo = _probs_of(s_lo, mx, inv_l, scale_log2, t_lo, P, PDT, EDGE)
-    p_hi = _probs_of(s_hi, mx, inv_l, scale_log2, t_hi, P, PDT, EDGE)
+    p_lo = _probs_of(s_lo, lse, scale_log2, t_lo, P, PDT, EDGE)
+    p_hi = _probs_of(s_hi, lse, scale_log2, t_hi, P, PDT, EDGE)
 
     # row sums (see _rows_operand): columns 0/1 every key; 2-5 the bias columns, which depend on the
     # original key (8b + c for the operand's row bit b), so one column per (a, b)
@@ -192,12 +194,19 @@ def _tile(jt, s_lo, s_hi, mx, inv_l, c, r1, scale_log2, inv_rows, P, bias_lo, bi
         pr_lo = gl.where(v_lo[:, None], pr_lo, 0.0)
         pr_hi = gl.where(v_hi[:, None], pr_hi, 0.0)
     # the rows' pooled sums: this tile's keys summed in-thread (lanes' keys g and g + 8), reduced over
-    # the lanes at the end
+    # the lanes at the end (on the tensor cores, pooled @ I, this pass was 10% slower: 2026-12-03)
     s_acc += gl.sum(gl.reshape(pr_lo + pr_hi, [2, 8, BR]), 0)
     # max over the rows and its row, in one integer max (see _scoring._p2_rows)
     lo = gl.max((((pr_lo * c[None, :]).to(gl.int32, bitcast=True)) & (-(1 << RBITS))) | r1[None, :], 1)
     hi = gl.max((((pr_hi * c[None, :]).to(gl.int32, bitcast=True)) & (-(1 << RBITS))) | r1[None, :], 1)
-    if EDGE:
+    if ATOMIC_MAX:  # every row block into one share (zeroed by the host): the fixup reads one, not seven
+        if EDGE:
+            gl.atomic_max(packed_out + o_lo, lo, mask=v_lo, sem="relaxed")
+            gl.atomic_max(packed_out + o_hi, hi, mask=v_hi, sem="relaxed")
+        else:
+            gl.atomic_max(packed_out + o_lo, lo, sem="relaxed")
+            gl.atomic_max(packed_out + o_hi, hi, sem="relaxed")
+    elif EDGE:
         gl.store(packed_out + o_lo, lo, mask=v_lo)
         gl.store(packed_out + o_hi, hi, mask=v_hi)
     else:
@@ -235,11 +244,11 @@ def _issue(ring, jt, ro, K, dd, skd, P, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _step(jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, mx, inv_l, c, r1,
+def _step(jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c, r1,
           scale_log2, inv_rows, P, bias_lo, bias_hi, hg, packed_out, unp_out, band0, band1, eye, ones, sel, x_prev, rs,
           s_acc, HALF: gl.constexpr, KPOOL: gl.constexpr, RBITS: gl.constexpr, PDT: gl.constexpr,
           BS_POW2: gl.constexpr, OFF32: gl.constexpr, EDGE: gl.constexpr, STAGES: gl.constexpr,
-          Q_SMEM: gl.constexpr):
+          Q_SMEM: gl.constexpr, ATOMIC_MAX: gl.constexpr):
     """One tile of the ring: wait for tile jt, take its key fragments, start the copy of tile
     jt + STAGES - 1 (its block ids were loaded a step ago), load the next block ids, compute tile jt.
     (The fragments first: issued after the copies, the shared-memory loads queued behind them and
@@ -256,9 +265,9 @@ def _step(jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, b
         _issue(ring, nxt, ro_next, K, dd, skd, P, STAGES)
     async_copy.commit_group()
     ro_next = _row_offsets(BT, (nxt + 1) * BN + tc, P, h, skb, skt, skh, block_size, bs_shift, BS_POW2, OFF32)
-    x_prev, rs, s_acc = _tile(jt, _scores(q, kt_lo), _scores(q, kt_hi), mx, inv_l, c, r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg,
+    x_prev, rs, s_acc = _tile(jt, _scores(q, kt_lo), _scores(q, kt_hi), lse, c, r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg,
                               packed_out, unp_out, band0, band1, eye, ones, sel, x_prev, rs, s_acc,
-                              HALF, KPOOL, RBITS, PDT, EDGE)
+                              HALF, KPOOL, RBITS, PDT, EDGE, ATOMIC_MAX)
     return ro_next, x_prev, rs, s_acc
 
 
@@ -271,7 +280,7 @@ def window_pass2_gluon(
     bias_lo, bias_hi, half_rt,
     HALF: gl.constexpr, KPOOL: gl.constexpr, BD: gl.constexpr, RBITS: gl.constexpr, PDT: gl.constexpr,
     KDT: gl.constexpr, ALIGNED: gl.constexpr, BS_POW2: gl.constexpr, OFF32: gl.constexpr, STAGES: gl.constexpr,
-    Q_SMEM: gl.constexpr,
+    Q_SMEM: gl.constexpr, ATOMIC_MAX: gl.constexpr,
 ):
     rb = gl.program_id(0) % num_row_blocks
     pid = gl.program_id(0) // num_row_blocks
@@ -289,7 +298,9 @@ def window_pass2_gluon(
     r0 = rb * BR + gl.arange(0, BR, layout=AX0)
     r1 = rb * BR + gl.arange(0, BR, layout=AX1)
     mx = gl.load(row + r0, mask=r0 < R, other=0.0)
-    inv_l = gl.load(row + RP + r0, mask=r0 < R, other=0.0)  # 0 on padded rows: their p is 0
+    inv_l = gl.load(row + RP + r0, mask=r0 < R, other=0.0)
+    # the rows' log2-sum-exp (in units of the scaled scores): +inf on padded rows, whose p is then 0
+    lse = gl.where(inv_l > 0, mx - gl.log2(inv_l), float("inf"))
     c = gl.load(row + 2 * RP + r1, mask=r1 < R, other=0.0)
     rq = rb * BR + gl.arange(0, BR, layout=gl.SliceLayout(1, COPY))
     dd = gl.arange(0, BD, layout=gl.SliceLayout(0, COPY))
@@ -327,7 +338,7 @@ def window_pass2_gluon(
         ro = _row_offsets(BT, tw, P, h, skb, skt, skh, block_size, bs_shift, BS_POW2, OFF32)
         kw = gl.load(K + ro[:, None] + dd[None, :] * skd, mask=(tw < P)[:, None], other=0.0)
         kwt = gl.convert_layout(gl.permute(kw, [1, 0]), OPB)
-        pw = _probs(q, kwt, mx, inv_l, scale_log2, jt0 * BN - 16 + gl.arange(0, 16, layout=AX1), P, PDT, True)
+        pw = _probs(q, kwt, lse, scale_log2, jt0 * BN - 16 + gl.arange(0, 16, layout=AX1), P, PDT, True)
         x_prev = mma_v2(band1, gl.convert_layout(gl.permute(pw, [1, 0]), OPB, assert_trivial=True), x_prev)
 
     # prologue: tiles jt0, jt0 + 1 in flight, block ids of jt0 + 2 loaded
@@ -343,7 +354,8 @@ def window_pass2_gluon(
     rs = gl.zeros([BR, 8], gl.float32, MMA)  # row sums: col 0 of P, col 1 of its bias columns
     # pooled sums per (lane's keys, row), in the layout of the in-thread sum in _tile
     s_acc = gl.sum(gl.reshape(gl.zeros([16, BR], gl.float32, MMA), [2, 8, BR]), 0)
-    packed_out = PACKED + rb * part_stride + hg * P  # this row block's share of the column outputs
+    # this row block's share of the column outputs (of the max: one share for all with ATOMIC_MAX)
+    packed_out = PACKED + (0 if ATOMIC_MAX else rb) * part_stride + hg * P
     unp_out = UNP + rb * part_stride + hg * P
     # interior tiles: every key real and below the bias columns, every output in [0, P)
     lim = gl.minimum(P, bias_lo)
@@ -351,19 +363,19 @@ def window_pass2_gluon(
     j_int1 = gl.maximum(gl.minimum(jt1, lim // BN), j_int0)
     for jt in range(jt0, j_int0):
         ro_next, x_prev, rs, s_acc = _step(
-            jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, mx, inv_l, c,
+            jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c,
             r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg, packed_out, unp_out, band0, band1, eye, ones, sel, x_prev,
-            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, True, STAGES, Q_SMEM)
+            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, True, STAGES, Q_SMEM, ATOMIC_MAX)
     for jt in range(j_int0, j_int1):
         ro_next, x_prev, rs, s_acc = _step(
-            jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, mx, inv_l, c,
+            jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c,
             r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg, packed_out, unp_out, band0, band1, eye, ones, sel, x_prev,
-            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, False, STAGES, Q_SMEM)
+            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, False, STAGES, Q_SMEM, ATOMIC_MAX)
     for jt in range(j_int1, jt1):
         ro_next, x_prev, rs, s_acc = _step(
-            jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, mx, inv_l, c,
+            jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c,
             r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg, packed_out, unp_out, band0, band1, eye, ones, sel, x_prev,
-            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, True, STAGES, Q_SMEM)
+            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, True, STAGES, Q_SMEM, ATOMIC_MAX)
     async_copy.wait_group(0)
 
     sums = PSUMS + (hg * num_progs + pid) * 3 * RP

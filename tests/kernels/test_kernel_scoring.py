@@ -164,6 +164,32 @@ def override_scoring_config(monkeypatch, **settings):
 
 
 @pytest.mark.interp
+@pytest.mark.parametrize("fixed", [1, 0])
+@pytest.mark.parametrize("size", [3.0, 6.0, 30.0])
+def test_pass1_fixed_offset_first_tile_far_below(kdev, monkeypatch, fixed, size):
+    """Pass 1's interior tiles against one offset a row, their maximum over the split's first
+    interior tile (`p1_fixed_offset`). Here that tile (keys 64-127: split 0's first interior tile;
+    tile 0 holds the pooling edge) sits about 11.5 x size octaves below every query's other scores:
+    ~35 octaves (size 3): the fixed offset holds; ~70 (6: sums past 2^64) and ~345 (30: exp2
+    overflows): the split's interior is summed again with running maxima. Either way the scores are
+    the reference's, and so with the running maximum throughout (fixed 0)."""
+    from vllm_defensive.triton_kernels import _scoring
+
+    override_scoring_config(monkeypatch, p1_fixed_offset=fixed)
+    gen = torch.Generator().manual_seed(7)
+    d, n, w = 64, 64 * 7 + 40, 8
+    q, k = attention_inputs(4, 1, w, n, d, BF16, kdev, gen)
+    v = torch.randn(d, generator=gen)
+    v = (v / v.norm() * d ** 0.5).to(kdev)
+    k = k.clone()
+    k[:, 64:128] = (-size * v).to(BF16)
+    q = (q.float() * 0.1 + v).to(BF16)
+    cache, table = make_paged(k, 16, "NHD", gen=gen)
+    ref = scoring.window_stats(q, k, 5, None, BF16)
+    check_stats(_scoring.window_stats(q, cache, table, n, 5, None, BF16, _split_len=192), ref, BF16)
+
+
+@pytest.mark.interp
 @pytest.mark.parametrize("colsum,rowsum", [(1, 0), (0, 1), (1, 1), (0, 0)])
 @pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,pool,layout,split_len,fix_bias",
                          [SMALL[0], SMALL[2], SMALL[3], SMALL[5], SMALL[6]])

@@ -87,8 +87,11 @@ def test_gluon_pass2_real_sizes(monkeypatch, n):
 
 @pytest.mark.gpu
 def test_gluon_and_triton_pass2_agree(monkeypatch):
-    """The two pass-2 kernels on the same inputs: the same scores up to fp32 summation order
-    (the exact row sums add in another order: a few tokens differ by ~2e-6)."""
+    """The two pass-2 kernels on the same inputs: the same scores but for 16-bit rounding flips. The
+    Gluon kernel takes exp2(s - (m + log2 l)) where the Triton one multiplies exp2(s - m) by 1/l, so a
+    probability a few fp32 ulps apart can round to the other 16-bit neighbour and move the scores
+    around it by one ulp of that neighbour's share (H200: 0.5% of the tokens by 1e-5 to 2e-5); the
+    exact row sums add in another order too (~2e-6)."""
     gen = torch.Generator().manual_seed(11)
     dev = torch.device("cuda")
     q, k = attention_inputs(14, 2, 32, 9000, 64, BF16, dev, gen)
@@ -99,5 +102,25 @@ def test_gluon_and_triton_pass2_agree(monkeypatch):
         out[on] = _scoring.window_stats(q, cache, table, 9000, 5, None, BF16)
     for name in ("defensive_max", "snapkv", "unpooled_mean"):
         a, b = getattr(out[1], name), getattr(out[0], name)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-12, msg=lambda m: f"{name}: {m}")
-    assert abs(out[1].window_bias - out[0].window_bias) <= 1e-6 * abs(out[0].window_bias)
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        off = int(((a - b).abs() > 1e-5 * b.abs() + 1e-12).sum())
+        assert off <= 0.02 * b.numel(), f"{name}: {off} of {b.numel()} tokens differ by over 1e-5"
+    assert abs(out[1].window_bias - out[0].window_bias) <= 1e-5 * abs(out[0].window_bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(14, 2, 64), (32, 8, 128)])
+def test_gluon_pass2_atomic_max_merge_is_exact(monkeypatch, shape):
+    """The row blocks' column max merged by integer atomic max into one share (`p2_gluon_atomic_max`)
+    or written one share a row block and merged by the fixup: the same bits (max is order-free)."""
+    hq, hkv, d = shape
+    gen = torch.Generator().manual_seed(13)
+    dev = torch.device("cuda")
+    q, k = attention_inputs(hq, hkv, 32, 5000, d, BF16, dev, gen)
+    cache, table = make_paged(k, 16, "NHD", gen=gen)
+    out = {}
+    for on in (0, 1):
+        override_scoring_config(monkeypatch, p2_gluon_atomic_max=on)
+        out[on] = _scoring.window_stats(q, cache, table, 5000, 5, None, BF16)
+    for name in ("defensive_max", "snapkv", "unpooled_mean"):
+        assert torch.equal(getattr(out[1], name), getattr(out[0], name)), name

@@ -957,8 +957,8 @@ def resources():
                  f"{name} NG={ng1} BN={g1.KEYS_PER_TILE} npoly {npoly}{'' if c['p1_gluon'] else ' (off)'}",
                  source=GluonASTSource, largest=True)
         # the small kernels around the passes: compiled too (a GPU-only compile error shows here)
-        comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32"},
-             dict(BR=_scoring.COMBINE_ROWS, BS=_scoring.COMBINE_SPLITS),
+        comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32", "ZERO": "*i32"},
+             dict(BR=_scoring.COMBINE_ROWS, BS=_scoring.COMBINE_SPLITS, BZ=1024),
              dict(num_warps=4), label=name)
         comp(_scoring._window_sums, {"PSUMS": "*fp32", "SUMS": "*fp32"},
              dict(BR=_scoring.SUMS_TILE, BP=_scoring.SUMS_TILE), dict(num_warps=1), label=name)

@@ -464,20 +464,19 @@ def _window_pass1(
     tl.store(base + 4 * RP + r, l_b, mask=rmask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def _window_combine(PART, ROW, R, RP, num_splits, BR: tl.constexpr, BS: tl.constexpr):
-    """Merge the pass-1 splits: [BS splits x BR rows] tiles, so the loads are not a serial chain."""
+@triton.jit(do_not_specialize=["num_splits", "zero_len"])
+def _window_combine(PART, ROW, ZERO, R, RP, num_splits, zero_len, BR: tl.constexpr, BS: tl.constexpr,
+                    BZ: tl.constexpr):
+    """Merge the pass-1 splits: [BS splits x BR rows] tiles, so the loads are not a serial chain; the
+    five fields of a tile loaded at once and merged online across tiles (one tile for up to BS
+    splits: one round of loads, where a max pass before the sums took two). Also zeroes ZERO[pair, :zero_len]
+    (pass 2's atomic-max share; zero_len 0: nothing), a slice per program, instead of a memset launch."""
     rb = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     r = rb * BR + tl.arange(0, BR)
     rmask = r < R
     sp = tl.arange(0, BS)
     mx = tl.full([BR], float("-inf"), tl.float32)
-    for s0 in range(0, num_splits, BS):
-        spm = (s0 + sp) < num_splits
-        ptr = PART + ((h * num_splits + s0 + sp[:, None]) * 5) * RP + r[None, :]
-        mx = tl.maximum(mx, tl.max(tl.load(ptr, mask=spm[:, None] & rmask[None, :], other=float("-inf")), 0))
-    mx = tl.where(mx == float("-inf"), 0.0, mx)  # only padded rows
     l_all = tl.zeros([BR], tl.float32)
     l_pre = tl.zeros([BR], tl.float32)
     s_def = tl.zeros([BR], tl.float32)
@@ -486,11 +485,21 @@ def _window_combine(PART, ROW, R, RP, num_splits, BR: tl.constexpr, BS: tl.const
         spm = (s0 + sp) < num_splits
         msk = spm[:, None] & rmask[None, :]
         ptr = PART + ((h * num_splits + s0 + sp[:, None]) * 5) * RP + r[None, :]
-        a = tl.exp2(tl.load(ptr, mask=msk, other=float("-inf")) - mx[None, :])
-        l_all += tl.sum(a * tl.load(ptr + RP, mask=msk, other=0.0), 0)
-        l_pre += tl.sum(a * tl.load(ptr + 2 * RP, mask=msk, other=0.0), 0)
-        s_def += tl.sum(a * tl.load(ptr + 3 * RP, mask=msk, other=0.0), 0)
-        l_b += tl.sum(a * tl.load(ptr + 4 * RP, mask=msk, other=0.0), 0)
+        m_t = tl.load(ptr, mask=msk, other=float("-inf"))
+        f_all = tl.load(ptr + RP, mask=msk, other=0.0)
+        f_pre = tl.load(ptr + 2 * RP, mask=msk, other=0.0)
+        f_def = tl.load(ptr + 3 * RP, mask=msk, other=0.0)
+        f_b = tl.load(ptr + 4 * RP, mask=msk, other=0.0)
+        m_new = tl.maximum(mx, tl.max(m_t, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # (only padded rows, or no split yet)
+        alpha = tl.exp2(mx - m_safe)
+        a = tl.exp2(m_t - m_safe[None, :])
+        l_all = l_all * alpha + tl.sum(a * f_all, 0)
+        l_pre = l_pre * alpha + tl.sum(a * f_pre, 0)
+        s_def = s_def * alpha + tl.sum(a * f_def, 0)
+        l_b = l_b * alpha + tl.sum(a * f_b, 0)
+        mx = m_new
+    mx = tl.where(mx == float("-inf"), 0.0, mx)  # only padded rows
     inv_l = tl.where(rmask, 1.0 / tl.where(rmask, l_all, 1.0), 0.0)
     mass = l_pre * inv_l
     pooled_sum = (l_pre - s_def) * inv_l
@@ -500,6 +509,10 @@ def _window_combine(PART, ROW, R, RP, num_splits, BR: tl.constexpr, BS: tl.const
     tl.store(out + RP + r, inv_l, mask=rmask)
     tl.store(out + 2 * RP + r, c, mask=rmask)
     tl.store(out + 3 * RP + r, l_b * inv_l, mask=rmask)
+    chunk = tl.cdiv(tl.cdiv(zero_len, tl.num_programs(0)), BZ) * BZ
+    for z0 in range(rb * chunk, tl.minimum((rb + 1) * chunk, zero_len), BZ):
+        z = z0 + tl.arange(0, BZ)
+        tl.store(ZERO + h * zero_len + z, tl.zeros([BZ], tl.int32), mask=z < zero_len)
 
 
 @triton.jit
@@ -1053,8 +1066,6 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     part, rowstats, sums, psums, dmax, snap, unp, unpp, packedp, bias = (
         x[:n_] for x, n_ in zip(ws.split(padded), sizes))
     packedp = packedp.view(torch.int32)
-    if atomic_max:
-        packedp.zero_()  # (values >= 0: their bits order like them)
     if nrb2 == 1:
         unpp = unp
     kptrs = pointer_table([c.data_ptr() for c in key_caches], dev)
@@ -1087,8 +1098,10 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     # layer's few pairs have hundreds of splits, which 128-row programs merged 16 at a time in a
     # chain of dependent loads (H200, one layer at 32K: 55 us for Qwen's shape, half the call).
     # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range).
-    _window_combine[(triton.cdiv(rows, COMBINE_ROWS), pairs)](part, rowstats, rows, rp, nsplit, BR=COMBINE_ROWS,
-                                                             BS=COMBINE_SPLITS, num_warps=4)
+    # (it also zeroes the atomic-max share: values >= 0, whose bits order like them)
+    _window_combine[(triton.cdiv(rows, COMBINE_ROWS), pairs)](part, rowstats, packedp, rows, rp, nsplit,
+                                                             p if atomic_max else 0, BR=COMBINE_ROWS,
+                                                             BS=COMBINE_SPLITS, BZ=1024, num_warps=4)
     if gluon:
         gluon.window_pass2_gluon[(nrb2 * nprog, pairs)](
             q, kptrs, block_table, rowstats, packedp, unpp, psums,

@@ -913,7 +913,8 @@ def resources():
         common = dict(HALF=2, KPOOL=5, BR=br, BD=d, CDT=tl.bfloat16, KDT=tl.bfloat16, ALIGNED=True, DOT_PREC="tf32",
                       INTERP=False, BS_POW2=True, OFF32=True)
         w1 = _scoring._p1_warps(br, c)
-        comp(_scoring._window_pass1, dict(ptrs, PART="*fp32"), dict(common, BN=c["p1_bn"], FIXED=bool(c["p1_fixed_offset"])),
+        comp(_scoring._window_pass1, dict(ptrs, PART="*fp32"),
+             dict(common, BN=c["p1_bn"], FIXED=bool(c["p1_fixed_offset"]), NPOLY=int(c["p1_npoly"])),
              dict(num_warps=w1, num_stages=c["p1_stages"], **_scoring._maxnreg(c["p1_maxnreg"])),
              br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}")
         tb2 = int(c["p2_br"]) or br  # the Triton pass 2's row block (CPU, fp32 probabilities, or p2_gluon off)

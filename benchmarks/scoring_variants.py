@@ -23,9 +23,9 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    "qwen05b": [{}, {"p1_fixed_offset": 0}, {"p2_gluon_atomic_max": 0}, {"p1_maxnreg": 168},
-                {"p1_programs_per_sm": 12}, {"p1_programs_per_sm": 4}, {"p1_stages": 4}],
-    "llama8b": [{}, {"p1_fixed_offset": 0}, {"p2_gluon_atomic_max": 0}, {"p1_stages": 4}],
+    "qwen05b": [{}, {"p1_fixed_offset": 0}, {"p2_gluon_atomic_max": 0}, {"p1_npoly": 1}, {"p1_npoly": 2},
+                {"p1_maxnreg": 168}, {"p1_programs_per_sm": 12}, {"p1_programs_per_sm": 4}, {"p1_stages": 4}],
+    "llama8b": [{}, {"p1_fixed_offset": 0}, {"p2_gluon_atomic_max": 0}, {"p1_npoly": 1}, {"p1_stages": 4}],
 }
 
 

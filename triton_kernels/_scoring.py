@@ -96,6 +96,7 @@ CONFIG = {
     "p1_programs_per_sm": 4,  # pass-1 split count target
     "p1_min_tiles": 8,  # pass-1 key tiles per split, at least (while a program per SM remains)
     "p1_fixed_offset": 1,  # pass 1's interior tiles against one offset a row (no running maximum)
+    "p1_npoly": 0,  # with it, the exponentials of that many eighths of each 64-key tile on the FMA pipe
     "p2_bn": 64,  # prefix keys per pass-2 tile
     "p2_warps": 4,  # H100 sweep at 32K: 4 warps beat 8 by 25-35% (benchmarks/results/kernels)
     "p2_stages": 2,
@@ -366,17 +367,51 @@ def _p1_tile(q, K, BT, start, k_hi, P, lim, h, dd, dmask, skb, skt, skh, skd, bl
     return m_new, l_all, l_pre, s_def, l_b
 
 
+# exp2 on the FMA pipe: 2^j * p(f) for x = j + f, j = rint(x), |f| <= 1/2, p a degree-5 fit (max
+# relative error 2.1e-7, fp32 Horner included; MUFU.EX2's is 2^-22.5). Inputs below -126 give about
+# 2^-126, above 127.5 inf or NaN (the exponent field is 255): either fails a caller's range check.
+EXP2_POLY_ASM = tl.constexpr(
+    "{ .reg .f32 x, t, j, f, p; .reg .b32 ti, pi;\n"
+    "max.f32 x, $1, 0fC2FC0000;\n"  # -126 ..
+    "min.f32 x, x, 0f43000000;\n"  # .. 128: 2^128 overflows to inf / NaN (as MUFU.EX2's inf, caught)
+    "add.rn.f32 t, x, 0f4B400000;\n"  # + 1.5 * 2^23: rint(x) in the low mantissa bits
+    "sub.rn.f32 j, t, 0f4B400000;\n"
+    "sub.rn.f32 f, x, j;\n"
+    "fma.rn.f32 p, f, 0f3AAE0400, 0f3C1E8584;\n"  # c5 = 1.3276422e-3, c4 = 9.6755410e-3
+    "fma.rn.f32 p, p, f, 0f3D635A0E;\n"  # c3 = 5.5507135e-2
+    "fma.rn.f32 p, p, f, 0f3E75FDAF;\n"  # c2 = 0.24022120
+    "fma.rn.f32 p, p, f, 0f3F317218;\n"  # c1 = 0.69314694
+    "fma.rn.f32 p, p, f, 0f3F800001;\n"  # c0 = 1.0000001
+    "mov.b32 ti, t;\n mov.b32 pi, p;\n"
+    "mad.lo.u32 pi, ti, 8388608, pi;\n"  # + (j << 23): the exponent (t's bits << 23 are j << 23)
+    "mov.b32 $0, pi; }")
+
+
+@triton.jit
+def _exp2_mixed(x, NPOLY: tl.constexpr, INTERP: tl.constexpr):
+    """exp2 of a [rows, keys] tile, the keys with (key % 64) < 8 * NPOLY on the FMA pipe (EXP2_POLY_ASM),
+    the rest on MUFU.EX2. In the warpgroup MMA's accumulator layout a thread's keys are 8j + (lane-
+    dependent 0..7), so the choice is a whole register's, known at compile time: the other branch of
+    each element is dead code."""
+    if NPOLY == 0 or INTERP:
+        return tl.exp2(x)
+    else:
+        key = tl.arange(0, x.shape[1]) % 64
+        poly = tl.inline_asm_elementwise(EXP2_POLY_ASM, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.where((key < 8 * NPOLY)[None, :], poly, tl.exp2(x))
+
+
 @triton.jit
 def _p1_tile_fixed(q, K, BT, start, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift, scale_log2, m,
                    BN: tl.constexpr, CDT: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-                   BS_POW2: tl.constexpr, OFF32: tl.constexpr):
+                   BS_POW2: tl.constexpr, OFF32: tl.constexpr, NPOLY: tl.constexpr):
     """An interior tile's sums of exp2(s - m) against a fixed offset m (no running max: no max, no
     rescale and no cross-lane max reduction a tile)."""
     t = start + tl.arange(0, BN)
     k = _load_key_tile(K, BT, t, tl.full([BN], 1, tl.int1), h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
                        BS_POW2, OFF32).to(CDT)
     s = _dot(q, tl.trans(k), DOT_PREC, INTERP)
-    return tl.sum(tl.exp2(s * scale_log2 - m[:, None]), 1)
+    return tl.sum(_exp2_mixed(s * scale_log2 - m[:, None], NPOLY, INTERP), 1)
 
 
 @triton.jit(do_not_specialize=_PASS1_LENGTHS)
@@ -386,7 +421,7 @@ def _window_pass1(
     L, P, W, G, R, RP, HEAD_D, bias_lo, bias_hi, split_len, num_splits, scale_log2,
     HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     CDT: tl.constexpr, KDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-    BS_POW2: tl.constexpr, OFF32: tl.constexpr, FIXED: tl.constexpr,
+    BS_POW2: tl.constexpr, OFF32: tl.constexpr, FIXED: tl.constexpr, NPOLY: tl.constexpr,
 ):
     rb = tl.program_id(0)
     sp = tl.program_id(1)
@@ -432,7 +467,7 @@ def _window_pass1(
             l_fix = tl.zeros([BR], tl.float32)
             for start in range(first + BN, int_end, BN):
                 l_fix += _p1_tile_fixed(q, K, BT, start, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
-                                        scale_log2, m, BN, CDT, DOT_PREC, INTERP, BS_POW2, OFF32)
+                                        scale_log2, m, BN, CDT, DOT_PREC, INTERP, BS_POW2, OFF32, NPOLY)
             out_of_range = rmask & ~(l_fix <= 18446744073709551616.0)  # (true for NaN)
             if tl.max(out_of_range.to(tl.int32), 0) > 0:
                 m = tl.full([BR], float("-inf"), tl.float32)
@@ -1091,6 +1126,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
             n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2,
             HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned,
             DOT_PREC=dot_prec, INTERP=interp, BS_POW2=bs_pow2, OFF32=off32, FIXED=bool(cfg["p1_fixed_offset"]),
+            NPOLY=int(cfg["p1_npoly"]) if cfg["p1_fixed_offset"] else 0,
             num_warps=_p1_warps(br, cfg), num_stages=cfg["p1_stages"],
             **_maxnreg(cfg["p1_maxnreg"]),
         )

@@ -35,6 +35,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+from ._scoring import EXP2_POLY_ASM
 from ._scoring_gluon import _row_offsets  # keys' element offsets in the paged cache (mask: t < its bound)
 
 KEYS_PER_TILE = 64
@@ -59,25 +60,8 @@ LIMIT_LO = gl.constexpr(2.0 ** -100)
 
 @gluon.jit
 def _exp2_poly(x):
-    """exp2 on the FMA pipe: 2^j * p(f) for x = j + f, j = rint(x), |f| <= 1/2, p a degree-5 fit
-    (max relative error 2.1e-7, fp32 Horner included). Inputs below -126 give about 2^-126, above 127.5
-    inf or NaN (the exponent field is 255): either fails the caller's range check, as MUFU.EX2's inf."""
-    return gl.inline_asm_elementwise(
-        "{ .reg .f32 x, t, j, f, p; .reg .b32 ti, pi;\n"
-        "max.f32 x, $1, 0fC2FC0000;\n"  # -126 ..
-        "min.f32 x, x, 0f43000000;\n"  # .. 128: 2^128 overflows to inf / NaN (as MUFU.EX2's inf, caught)
-        "add.rn.f32 t, x, 0f4B400000;\n"  # + 1.5 * 2^23: rint(x) in the low mantissa bits
-        "sub.rn.f32 j, t, 0f4B400000;\n"
-        "sub.rn.f32 f, x, j;\n"
-        "fma.rn.f32 p, f, 0f3AAE0400, 0f3C1E8584;\n"  # c5 = 1.3276422e-3, c4 = 9.6755410e-3
-        "fma.rn.f32 p, p, f, 0f3D635A0E;\n"  # c3 = 5.5507135e-2
-        "fma.rn.f32 p, p, f, 0f3E75FDAF;\n"  # c2 = 0.24022120
-        "fma.rn.f32 p, p, f, 0f3F317218;\n"  # c1 = 0.69314694
-        "fma.rn.f32 p, p, f, 0f3F800001;\n"  # c0 = 1.0000001
-        "mov.b32 ti, t;\n mov.b32 pi, p;\n"
-        "mad.lo.u32 pi, ti, 8388608, pi;\n"  # + (j << 23): the exponent (t's bits << 23 are j << 23)
-        "mov.b32 $0, pi; }",
-        "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1)
+    """exp2 on the FMA pipe (`_scoring.EXP2_POLY_ASM`: a degree-5 polynomial, MUFU.EX2's accuracy)."""
+    return gl.inline_asm_elementwise(EXP2_POLY_ASM, "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1)
 
 
 @gluon.jit

@@ -164,18 +164,20 @@ def override_scoring_config(monkeypatch, **settings):
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("fixed", [1, 0])
+@pytest.mark.parametrize("fixed,npoly", [(1, 0), (1, 1), (0, 0)])
 @pytest.mark.parametrize("size", [3.0, 6.0, 30.0])
-def test_pass1_fixed_offset_first_tile_far_below(kdev, monkeypatch, fixed, size):
+def test_pass1_fixed_offset_first_tile_far_below(kdev, monkeypatch, fixed, npoly, size):
     """Pass 1's interior tiles against one offset a row, their maximum over the split's first
     interior tile (`p1_fixed_offset`). Here that tile (keys 64-127: split 0's first interior tile;
     tile 0 holds the pooling edge) sits about 11.5 x size octaves below every query's other scores:
     ~35 octaves (size 3): the fixed offset holds; ~70 (6: sums past 2^64) and ~345 (30: exp2
     overflows): the split's interior is summed again with running maxima. Either way the scores are
-    the reference's, and so with the running maximum throughout (fixed 0)."""
+    the reference's, and so with the running maximum throughout (fixed 0). npoly 1: an eighth of the
+    fixed-offset exponentials on the FMA pipe (`p1_npoly`; compiled kernels only: the interpreter
+    takes exp2), whose overflow to inf or NaN the range check catches the same way."""
     from vllm_defensive.triton_kernels import _scoring
 
-    override_scoring_config(monkeypatch, p1_fixed_offset=fixed)
+    override_scoring_config(monkeypatch, p1_fixed_offset=fixed, p1_npoly=npoly)
     gen = torch.Generator().manual_seed(7)
     d, n, w = 64, 64 * 7 + 40, 8
     q, k = attention_inputs(4, 1, w, n, d, BF16, kdev, gen)

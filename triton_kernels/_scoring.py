@@ -12,6 +12,8 @@ pass 1   grid (row blocks, key splits, Hkv). Each program streams its split of t
          group), the online-softmax statistics over ALL L keys with the causal mask inside the
          window: running max and sum of exp; on the few tiles that need them, the prefix share
          (keys < P), the pooled-row-sum deficit at the prefix edges and the window-bias columns.
+         The interior tiles take one offset a row instead of the running max (`p1_fixed_offset`:
+         the first interior tile's max; a split whose sums leave 2^64 is summed again online).
 combine  grid (row blocks, Hkv): merges the splits into per-row (max, 1/sum, pooling scale c,
          bias mass).
 pass 2   grid (row blocks x programs, Hkv), each program taking one block of the group's window
@@ -30,8 +32,10 @@ pass 2   grid (row blocks x programs, Hkv), each program taking one block of the
          (`p2_gluon`, the default for head dims 64 and 128): the same inputs and outputs, 32-row
          blocks, no tile overlap, the reductions over the rows on the cheap axis of the product
          layout (Gluon states layouts; Triton 3.6 moves a transposed operand through shared memory).
-         H200, every layer at 32K: Qwen's pass 2 448 -> 382 us, Llama's 1963 -> 1629 us. The
-         interpreter (CPU) and fp32 probabilities run the Triton kernel.
+         H200, every layer at 32K: Qwen's pass 2 448 -> 382 us, Llama's 1963 -> 1629 us (then 362 for
+         Qwen with the row's log-sum folded into the exponent). It merges its row blocks' column max
+         itself, by integer atomic max into one share (`p2_gluon_atomic_max`; the combine zeroes it).
+         The interpreter (CPU) and fp32 probabilities run the Triton kernel.
 fixup    merges the row blocks' shares (max; sums in row-block order), rescales the defensive max
          with the exact rounded-row sums (below), pools the unpooled mean into SnapKV's pooled mean
          (pooling is linear; in pass 2 it cost 4% of the hot loop) and writes the window bias (mean
@@ -95,8 +99,12 @@ CONFIG = {
     "p1_stages": 5,
     "p1_programs_per_sm": 4,  # pass-1 split count target
     "p1_min_tiles": 8,  # pass-1 key tiles per split, at least (while a program per SM remains)
-    "p1_fixed_offset": 1,  # pass 1's interior tiles against one offset a row (no running maximum)
-    "p1_npoly": 0,  # with it, the exponentials of that many eighths of each 64-key tile on the FMA pipe
+    # pass 1's interior tiles against one offset a row, no running maximum (H200, every layer at 32K:
+    # Qwen's pass 1 178 -> 165 us, Llama's 725 -> 677; benchmarks/results/kernels/h200_2026-12-03/)
+    "p1_fixed_offset": 1,
+    # with it, the exponentials of that many eighths of each 64-key tile on the FMA pipe: 1 and 2 were
+    # slower (Qwen 171 and 175 us against 165: pass 1 is not MUFU-bound)
+    "p1_npoly": 0,
     "p2_bn": 64,  # prefix keys per pass-2 tile
     "p2_warps": 4,  # H100 sweep at 32K: 4 warps beat 8 by 25-35% (benchmarks/results/kernels)
     "p2_stages": 2,

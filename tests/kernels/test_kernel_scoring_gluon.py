@@ -10,7 +10,7 @@ that starts mid-prompt, the bias columns inside the last tiles, and prompts shor
 import pytest
 import torch
 from kernel_testutil import attention_inputs, layered_paged_inputs, make_paged
-from test_kernel_scoring import BF16, FP16, check_layers, override_scoring_config
+from test_kernel_scoring import BF16, FP16, check_layers, override_scoring_config, tolerances
 
 from vllm_defensive.policy import scoring
 from vllm_defensive.triton_kernels import _scoring
@@ -90,7 +90,7 @@ def test_gluon_and_triton_pass2_agree(monkeypatch):
     """The two pass-2 kernels on the same inputs: the same scores but for 16-bit rounding flips. The
     Gluon kernel takes exp2(s - (m + log2 l)) where the Triton one multiplies exp2(s - m) by 1/l, so a
     probability a few fp32 ulps apart can round to the other 16-bit neighbour and move the scores
-    around it by one ulp of that neighbour's share (H200: 0.5% of the tokens by 1e-5 to 2e-5); the
+    around it by one ulp of that neighbour's share (H200: 0.5% of the tokens by 1e-5 to 2e-4); the
     exact row sums add in another order too (~2e-6)."""
     gen = torch.Generator().manual_seed(11)
     dev = torch.device("cuda")
@@ -102,7 +102,9 @@ def test_gluon_and_triton_pass2_agree(monkeypatch):
         out[on] = _scoring.window_stats(q, cache, table, 9000, 5, None, BF16)
     for name in ("defensive_max", "snapkv", "unpooled_mean"):
         a, b = getattr(out[1], name), getattr(out[0], name)
-        torch.testing.assert_close(a, b, rtol=2e-4, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        # (a flipped probability moves a token's share of it by one bf16 ulp, 2^-8 of that share: the
+        # check_stats bound; on the H200 the largest seen was 2.1e-4, on an unpooled mean)
+        torch.testing.assert_close(a, b, rtol=tolerances(BF16)[0], atol=1e-12, msg=lambda m: f"{name}: {m}")
         off = int(((a - b).abs() > 1e-5 * b.abs() + 1e-12).sum())
         assert off <= 0.02 * b.numel(), f"{name}: {off} of {b.numel()} tokens differ by over 1e-5"
     assert abs(out[1].window_bias - out[0].window_bias) <= 1e-5 * abs(out[0].window_bias)

@@ -163,6 +163,21 @@ def override_scoring_config(monkeypatch, **settings):
     monkeypatch.setattr(_scoring, "_cfg", lambda d: {**cfg(d), **settings})
 
 
+def stats_under_settings(monkeypatch, variants, hq, hkv, d, n, probs_dtype, seed):
+    """window_stats of one set of paged inputs (window 32, block size 16) under each settings dict
+    of `variants` in turn (CUDA): a list of WindowStats, for comparing two code paths."""
+    from vllm_defensive.triton_kernels import _scoring
+
+    gen = torch.Generator().manual_seed(seed)
+    q, k = attention_inputs(hq, hkv, 32, n, d, BF16, torch.device("cuda"), gen)
+    cache, table = make_paged(k, 16, "NHD", gen=gen)
+    out = []
+    for settings in variants:
+        override_scoring_config(monkeypatch, **settings)
+        out.append(_scoring.window_stats(q, cache, table, n, 5, None, probs_dtype))
+    return out
+
+
 @pytest.mark.interp
 @pytest.mark.parametrize("fixed,npoly", [(1, 0), (1, 1), (0, 0)])
 @pytest.mark.parametrize("size", [3.0, 6.0, 30.0])

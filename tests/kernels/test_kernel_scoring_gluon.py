@@ -9,8 +9,8 @@ that starts mid-prompt, the bias columns inside the last tiles, and prompts shor
 
 import pytest
 import torch
-from kernel_testutil import attention_inputs, layered_paged_inputs, make_paged
-from test_kernel_scoring import BF16, FP16, check_layers, override_scoring_config, tolerances
+from kernel_testutil import layered_paged_inputs
+from test_kernel_scoring import BF16, FP16, check_layers, override_scoring_config, stats_under_settings, tolerances
 
 from vllm_defensive.policy import scoring
 from vllm_defensive.triton_kernels import _scoring
@@ -92,14 +92,7 @@ def test_gluon_and_triton_pass2_agree(monkeypatch):
     probability a few fp32 ulps apart can round to the other 16-bit neighbour and move the scores
     around it by one ulp of that neighbour's share (H200: 0.5% of the tokens by 1e-5 to 2e-4); the
     exact row sums add in another order too (~2e-6)."""
-    gen = torch.Generator().manual_seed(11)
-    dev = torch.device("cuda")
-    q, k = attention_inputs(14, 2, 32, 9000, 64, BF16, dev, gen)
-    cache, table = make_paged(k, 16, "NHD", gen=gen)
-    out = {}
-    for on in (0, 1):
-        override_scoring_config(monkeypatch, p2_gluon=on)
-        out[on] = _scoring.window_stats(q, cache, table, 9000, 5, None, BF16)
+    out = stats_under_settings(monkeypatch, [{"p2_gluon": 0}, {"p2_gluon": 1}], 14, 2, 64, 9000, BF16, seed=11)
     for name in ("defensive_max", "snapkv", "unpooled_mean"):
         a, b = getattr(out[1], name), getattr(out[0], name)
         # (a flipped probability moves a token's share of it by one bf16 ulp, 2^-8 of that share: the
@@ -115,14 +108,7 @@ def test_gluon_and_triton_pass2_agree(monkeypatch):
 def test_gluon_pass2_atomic_max_merge_is_exact(monkeypatch, shape):
     """The row blocks' column max merged by integer atomic max into one share (`p2_gluon_atomic_max`)
     or written one share a row block and merged by the fixup: the same bits (max is order-free)."""
-    hq, hkv, d = shape
-    gen = torch.Generator().manual_seed(13)
-    dev = torch.device("cuda")
-    q, k = attention_inputs(hq, hkv, 32, 5000, d, BF16, dev, gen)
-    cache, table = make_paged(k, 16, "NHD", gen=gen)
-    out = {}
-    for on in (0, 1):
-        override_scoring_config(monkeypatch, p2_gluon_atomic_max=on)
-        out[on] = _scoring.window_stats(q, cache, table, 5000, 5, None, BF16)
+    out = stats_under_settings(monkeypatch, [{"p2_gluon_atomic_max": 0}, {"p2_gluon_atomic_max": 1}], *shape, 5000,
+                               BF16, seed=13)
     for name in ("defensive_max", "snapkv", "unpooled_mean"):
         assert torch.equal(getattr(out[1], name), getattr(out[0], name)), name

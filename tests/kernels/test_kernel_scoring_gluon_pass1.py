@@ -10,8 +10,8 @@ one program per group, the polynomial exponentials, and groups of 32 rows that s
 
 import pytest
 import torch
-from kernel_testutil import attention_inputs, layered_paged_inputs, make_paged
-from test_kernel_scoring import BF16, FP16, check_layers, override_scoring_config
+from kernel_testutil import layered_paged_inputs
+from test_kernel_scoring import BF16, FP16, check_layers, override_scoring_config, stats_under_settings
 
 from vllm_defensive.policy import scoring
 from vllm_defensive.triton_kernels import _scoring
@@ -134,14 +134,8 @@ def test_gluon_pass1_real_sizes(monkeypatch, n):
 def test_gluon_and_triton_pass1_agree(monkeypatch, d, hq, hkv):
     """The two pass-1 kernels on the same inputs: the same scores up to fp32 rounding (other
     offsets and summation orders for the softmax sums)."""
-    gen = torch.Generator().manual_seed(11)
-    dev = torch.device("cuda")
-    q, k = attention_inputs(hq, hkv, 32, 9000, d, BF16, dev, gen)
-    cache, table = make_paged(k, 16, "NHD", gen=gen)
-    out = {}
-    for on in (0, 1):
-        override_scoring_config(monkeypatch, p1_gluon=on)
-        out[on] = _scoring.window_stats(q, cache, table, 9000, 5, None, None)  # fp32 probabilities: no rounding
+    # (fp32 probabilities: no rounding)
+    out = stats_under_settings(monkeypatch, [{"p1_gluon": 0}, {"p1_gluon": 1}], hq, hkv, d, 9000, None, seed=11)
     for name in ("defensive_max", "snapkv", "unpooled_mean"):
         a, b = getattr(out[1], name), getattr(out[0], name)
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-12, msg=lambda m: f"{name}: {m}")

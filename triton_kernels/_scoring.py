@@ -126,7 +126,7 @@ CONFIG = {
     "p2_gluon_q_smem": 0,  # its queries reloaded from shared memory every tile (32 registers fewer)
     # its row blocks' column max merged by integer atomic max into one share (deterministic: max is
     # order-free), so the fixup reads one share of it instead of one per row block (H200, Qwen, every
-    # layer at 32K: fixup 34 -> 24 us, pass 2 unchanged, plus a 2 us memset of the share)
+    # layer at 32K: fixup 34 -> 24 us, pass 2 unchanged; the combine kernel zeroes the share)
     "p2_gluon_atomic_max": 1,
     "p2_gluon_programs_per_sm": 0,  # its programs per SM (0: p2_programs_per_sm)
     # pass 1 in Gluon (`_scoring_gluon_pass1`) where it applies (sm_90, 16-bit, <= 256 window rows):
@@ -512,8 +512,9 @@ def _window_combine(PART, ROW, ZERO, R, RP, num_splits, zero_len, BR: tl.constex
                     BZ: tl.constexpr):
     """Merge the pass-1 splits: [BS splits x BR rows] tiles, so the loads are not a serial chain; the
     five fields of a tile loaded at once and merged online across tiles (one tile for up to BS
-    splits: one round of loads, where a max pass before the sums took two). Also zeroes ZERO[pair, :zero_len]
-    (pass 2's atomic-max share; zero_len 0: nothing), a slice per program, instead of a memset launch."""
+    splits: one round of loads, where a max pass before the sums took two). Also zeroes
+    ZERO[pair, :zero_len] (pass 2's atomic-max share; zero_len 0: nothing), a slice per program,
+    instead of a memset launch."""
     rb = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     r = rb * BR + tl.arange(0, BR)
@@ -840,9 +841,9 @@ def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV
                   MERGE: tl.constexpr):
     """Merges pass 2's row blocks (NRB shares of the unpooled mean, added in row-block order; NRB_MAX of
     the packed max: 1 where pass 2 merged them itself by atomic max) and finishes: the defensive max
-    with the exact rounded-row sums (pooled / (S + eps) * m, as the reference); SnapKV's pooled mean, which is the pooled unpooled
-    mean (pooling is linear: done here, off pass 2's hot loop); the window bias of each layer: the
-    mean over its (KV head, row)s of their bias-column mass."""
+    with the exact rounded-row sums (pooled / (S + eps) * m, as the reference); SnapKV's pooled mean,
+    which is the pooled unpooled mean (pooling is linear: done here, off pass 2's hot loop); the
+    window bias of each layer: the mean over its (KV head, row)s of their bias-column mass."""
     jt = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     a = tl.arange(0, BN)

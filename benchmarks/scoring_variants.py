@@ -6,8 +6,8 @@ time) with the per-kernel split, one change of the tuned per-head-dim defaults a
 
 The 2026-12-02b to h and 2026-12-03 records (results/kernels/h200_2026-12-02b/sweep*.json,
 h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/ to h200_2026-12-02h/ and
-h200_2026-12-03/sweep_*.json) came from this script with the VARIANTS of that pass (the last set is
-below: the 2026-12-03 changes, each turned off alone, and pass 1's settings with its fixed offset);
+h200_2026-12-03/sweep_*.json, h200_2026-12-03b/) came from this script with the VARIANTS of that pass
+(the last set is below: the 2026-12-03b change to the Gluon pass 2 turned off, and a deeper key ring);
 edit VARIANTS for the next one.
 --check adds each one's largest relative error against the reference."""
 import argparse
@@ -23,9 +23,8 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    "qwen05b": [{}, {"p1_fixed_offset": 0}, {"p2_gluon_atomic_max": 0}, {"p1_npoly": 1}, {"p1_npoly": 2},
-                {"p1_maxnreg": 168}, {"p1_programs_per_sm": 12}, {"p1_programs_per_sm": 4}, {"p1_stages": 4}],
-    "llama8b": [{}, {"p1_fixed_offset": 0}, {"p2_gluon_atomic_max": 0}, {"p1_npoly": 1}, {"p1_stages": 4}],
+    "qwen05b": [{}, {"p2_gluon_movm": 0}, {"p2_gluon_stages": 4}, {}],
+    "llama8b": [{}, {"p2_gluon_movm": 0}, {"p2_gluon_stages": 4}],
 }
 
 

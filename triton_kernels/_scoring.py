@@ -129,6 +129,10 @@ CONFIG = {
     # layer at 32K: fixup 34 -> 24 us, pass 2 unchanged; the combine kernel zeroes the share)
     "p2_gluon_atomic_max": 1,
     "p2_gluon_programs_per_sm": 0,  # its programs per SM (0: p2_programs_per_sm)
+    # its unpooled column sums' transposed probabilities by movmatrix (eight 8x8 transposes a half
+    # tile) instead of an identity product on the tensor cores, 8 of the tile's 64 HMMA (H200, every
+    # layer at 32K: Qwen's pass 2 365 -> 344-357 us, Llama's 1602 -> 1510; h200_2026-12-03b/)
+    "p2_gluon_movm": 1,
     # pass 1 in Gluon (`_scoring_gluon_pass1`) where it applies (sm_90, 16-bit, <= 256 window rows):
     # off, slower than the Triton kernel so far (H200, Qwen, every layer at 32K: 190 us at the settings
     # below against 175; benchmarks/results/kernels/h200_2026-12-02h/)
@@ -1154,7 +1158,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
             p, w, g, rows, rp, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi, half,
             HALF=half, KPOOL=pool_kernel, BD=d, RBITS=rbits, PDT=_TL[probs_dtype], KDT=_TL[kc.dtype], ALIGNED=aligned,
             BS_POW2=bs_pow2, OFF32=off32, STAGES=int(cfg["p2_gluon_stages"]), Q_SMEM=bool(cfg["p2_gluon_q_smem"]),
-            ATOMIC_MAX=atomic_max, num_warps=1, **_maxnreg(cfg["p2_gluon_maxnreg"]),
+            ATOMIC_MAX=atomic_max, MOVM=bool(cfg["p2_gluon_movm"]), num_warps=1, **_maxnreg(cfg["p2_gluon_maxnreg"]),
         )
     else:
         _window_pass2[(nrb2 * nprog, pairs)](

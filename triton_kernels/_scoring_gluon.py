@@ -14,9 +14,10 @@ run in both orientations at once without moving data:
 * Pooling runs as Band^T @ P^T: the pooled values come out with the keys on M and the rows on N,
   so the max over the rows is along the cheap axis (in-thread, then the four lanes of a quad)
   instead of across eight lanes.
-* The unpooled column sums: I @ P^T puts P^T in an accumulator, exact (16-bit values); rounded
-  back to 16 bits it is the A operand of a product with a ones column. Two small products instead
-  of a shuffle tree per column.
+* The unpooled column sums: movmatrix transposes P's 8x8 blocks in the registers, which makes them
+  the A operand of P^T @ ones (a ones column: the sums over the rows). One small product and eight
+  transposes a half tile instead of a shuffle tree per column; the identity product I @ P^T (exact,
+  16-bit values) did the transposing before (`MOVM` off), 8 of the tile's 64 HMMA.
 * The row sums of P (and of the bias columns) are P @ selector products, as in the Triton kernel.
 
 No halo: a tile is 32 new keys, and its 32 pooled outputs lag HALF keys behind them, so the keys
@@ -102,6 +103,24 @@ def _rows_operand(p):
     return gl.convert_layout(gl.reshape(x, [BR, 16]), OPA, assert_trivial=True)
 
 
+# an 8x8 block of 16-bit values transposed across the warp: the lane holding (row g, columns 2t, 2t+1)
+# of the block gets (columns g, rows 2t, 2t+1), one register (two values) in, one out
+_MOVM_TRANS = gl.constexpr("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;")
+
+
+@gluon.jit
+def _transposed_operand(p):
+    """p [BR rows, 16 keys] (16-bit, as the score product left it) as the A operand of P^T [16 keys, BR
+    rows]: each 8x8 block transposed in place by movmatrix, then the blocks renamed (no data moves).
+
+    After the transposes, the register of p's element (8rb + ri, 8kb + ki) holds P[8rb + ki, 8kb + ri];
+    so the tensor read as [rb, ri, kb, ki] is P^T's [kb, ri, rb, ki], whose registers sit where the A
+    fragment of a [keys, rows] operand wants them."""
+    y = gl.inline_asm_elementwise(_MOVM_TRANS, "=r,r", [p], dtype=p.dtype, is_pure=True, pack=2)
+    y = gl.permute(gl.reshape(y, [BR // 8, 8, 2, 8]), [2, 1, 0, 3])
+    return gl.convert_layout(gl.reshape(y, [16, BR]), OPA, assert_trivial=True)
+
+
 @gluon.jit
 def _probs(q, kt, lse, scale_log2, t, P, PDT: gl.constexpr, EDGE: gl.constexpr):
     """16-bit probabilities of the block's rows against 16 keys (kt: their K^T as a B operand)."""
@@ -126,7 +145,7 @@ def _probs_of(s, lse, scale_log2, t, P, PDT: gl.constexpr, EDGE: gl.constexpr):
 def _tile(jt, s_lo, s_hi, lse, c, r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg,
           packed_out, unp_out, band0, band1, eye, ones, sel, x_prev, rs, s_acc,
           HALF: gl.constexpr, KPOOL: gl.constexpr, RBITS: gl.constexpr, PDT: gl.constexpr, EDGE: gl.constexpr,
-          ATOMIC_MAX: gl.constexpr):
+          ATOMIC_MAX: gl.constexpr, MOVM: gl.constexpr):
     t0 = jt * BN
     k16 = gl.arange(0, 16, layout=AX1)
     t_lo = t0 + k16
@@ -156,15 +175,20 @@ def _tile(jt, s_lo, s_hi, lse, c, r1, scale_log2, inv_rows, P, bias_lo, bias_hi,
     pt_lo = gl.convert_layout(gl.permute(p_lo, [1, 0]), OPB, assert_trivial=True)  # [16 keys, BR rows]
     pt_hi = gl.convert_layout(gl.permute(p_hi, [1, 0]), OPB, assert_trivial=True)
 
-    # unpooled column sums: P^T exactly (I @ P^T), then its rows summed against a ones column
+    # unpooled column sums: P^T as an A operand (movmatrix transposes, or exactly as I @ P^T), its
+    # rows summed against a ones column
     o16 = gl.arange(0, 16, layout=AX0)
     c8 = gl.arange(0, 8, layout=AX1)
     zero_t = gl.zeros([16, BR], gl.float32, MMA)
     zero_8 = gl.zeros([16, 8], gl.float32, MMA)
-    e_lo = mma_v2(eye, pt_lo, zero_t).to(PDT)
-    e_hi = mma_v2(eye, pt_hi, zero_t).to(PDT)
-    u_lo = mma_v2(gl.convert_layout(e_lo, OPA, assert_trivial=True), ones, zero_8)
-    u_hi = mma_v2(gl.convert_layout(e_hi, OPA, assert_trivial=True), ones, zero_8)
+    if MOVM:
+        a_lo = _transposed_operand(p_lo)
+        a_hi = _transposed_operand(p_hi)
+    else:
+        a_lo = gl.convert_layout(mma_v2(eye, pt_lo, zero_t).to(PDT), OPA, assert_trivial=True)
+        a_hi = gl.convert_layout(mma_v2(eye, pt_hi, zero_t).to(PDT), OPA, assert_trivial=True)
+    u_lo = mma_v2(a_lo, ones, zero_8)
+    u_hi = mma_v2(a_hi, ones, zero_8)
     ku_lo = t0 + o16
     ku_hi = t0 + 16 + o16
     first = c8[None, :] == 0  # every column holds the sums: column 0 is stored
@@ -248,7 +272,7 @@ def _step(jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, b
           scale_log2, inv_rows, P, bias_lo, bias_hi, hg, packed_out, unp_out, band0, band1, eye, ones, sel, x_prev, rs,
           s_acc, HALF: gl.constexpr, KPOOL: gl.constexpr, RBITS: gl.constexpr, PDT: gl.constexpr,
           BS_POW2: gl.constexpr, OFF32: gl.constexpr, EDGE: gl.constexpr, STAGES: gl.constexpr,
-          Q_SMEM: gl.constexpr, ATOMIC_MAX: gl.constexpr):
+          Q_SMEM: gl.constexpr, ATOMIC_MAX: gl.constexpr, MOVM: gl.constexpr):
     """One tile of the ring: wait for tile jt, take its key fragments, start the copy of tile
     jt + STAGES - 1 (its block ids were loaded a step ago), load the next block ids, compute tile jt.
     (The fragments first: issued after the copies, the shared-memory loads queued behind them and
@@ -267,7 +291,7 @@ def _step(jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, b
     ro_next = _row_offsets(BT, (nxt + 1) * BN + tc, P, h, skb, skt, skh, block_size, bs_shift, BS_POW2, OFF32)
     x_prev, rs, s_acc = _tile(jt, _scores(q, kt_lo), _scores(q, kt_hi), lse, c, r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg,
                               packed_out, unp_out, band0, band1, eye, ones, sel, x_prev, rs, s_acc,
-                              HALF, KPOOL, RBITS, PDT, EDGE, ATOMIC_MAX)
+                              HALF, KPOOL, RBITS, PDT, EDGE, ATOMIC_MAX, MOVM)
     return ro_next, x_prev, rs, s_acc
 
 
@@ -280,7 +304,7 @@ def window_pass2_gluon(
     bias_lo, bias_hi, half_rt,
     HALF: gl.constexpr, KPOOL: gl.constexpr, BD: gl.constexpr, RBITS: gl.constexpr, PDT: gl.constexpr,
     KDT: gl.constexpr, ALIGNED: gl.constexpr, BS_POW2: gl.constexpr, OFF32: gl.constexpr, STAGES: gl.constexpr,
-    Q_SMEM: gl.constexpr, ATOMIC_MAX: gl.constexpr,
+    Q_SMEM: gl.constexpr, ATOMIC_MAX: gl.constexpr, MOVM: gl.constexpr,
 ):
     rb = gl.program_id(0) % num_row_blocks
     pid = gl.program_id(0) // num_row_blocks
@@ -365,17 +389,17 @@ def window_pass2_gluon(
         ro_next, x_prev, rs, s_acc = _step(
             jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c,
             r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg, packed_out, unp_out, band0, band1, eye, ones, sel, x_prev,
-            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, True, STAGES, Q_SMEM, ATOMIC_MAX)
+            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, True, STAGES, Q_SMEM, ATOMIC_MAX, MOVM)
     for jt in range(j_int0, j_int1):
         ro_next, x_prev, rs, s_acc = _step(
             jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c,
             r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg, packed_out, unp_out, band0, band1, eye, ones, sel, x_prev,
-            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, False, STAGES, Q_SMEM, ATOMIC_MAX)
+            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, False, STAGES, Q_SMEM, ATOMIC_MAX, MOVM)
     for jt in range(j_int1, jt1):
         ro_next, x_prev, rs, s_acc = _step(
             jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c,
             r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg, packed_out, unp_out, band0, band1, eye, ones, sel, x_prev,
-            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, True, STAGES, Q_SMEM, ATOMIC_MAX)
+            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, True, STAGES, Q_SMEM, ATOMIC_MAX, MOVM)
     async_copy.wait_group(0)
 
     sums = PSUMS + (hg * num_progs + pid) * 3 * RP

@@ -58,6 +58,7 @@ CASES = [
     pytest.param(7, 1, 64, 16, 33, 32, BF16, BF16, 5, "NHD", False, 0, id="P1"),
     pytest.param(4, 1, 64, 16, 32 + 64, 8, BF16, BF16, 5, "NHD", False, 0, id="P64-two-tiles-exactly"),
     pytest.param(4, 2, 64, 16, 600, 8, BF16, BF16, 3, "NHD", False, 3, id="pool3"),
+    pytest.param(4, 2, 64, 16, 600, 8, BF16, BF16, 9, "NHD", False, 3, id="pool9"),
     pytest.param(4, 2, 64, 16, 600, 8, BF16, BF16, 17, "NHD", False, 3, id="pool17-halo8"),
     pytest.param(4, 1, 64, 16, 300, 8, BF16, BF16, 1, "HND", False, 2, id="no-pooling"),
     pytest.param(8, 2, 128, 16, 3000, 16, BF16, BF16, 5, "FA", False, 4, id="d128-rows32"),
@@ -110,5 +111,17 @@ def test_gluon_pass2_atomic_max_merge_is_exact(monkeypatch, shape):
     or written one share a row block and merged by the fixup: the same bits (max is order-free)."""
     out = stats_under_settings(monkeypatch, [{"p2_gluon_atomic_max": 0}, {"p2_gluon_atomic_max": 1}], *shape, 5000,
                                BF16, seed=13)
+    for name in ("defensive_max", "snapkv", "unpooled_mean"):
+        assert torch.equal(getattr(out[1], name), getattr(out[0], name)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(14, 2, 64), (32, 8, 128)])
+def test_gluon_pass2_movmatrix_transposes_are_exact(monkeypatch, shape):
+    """The unpooled column sums' operand P^T transposed by movmatrix (`p2_gluon_movm`) or by the
+    identity product on the tensor cores: the same 16-bit values into the same ones product, so
+    every output has the same bits."""
+    out = stats_under_settings(monkeypatch, [{"p2_gluon_movm": 0}, {"p2_gluon_movm": 1}], *shape, 5000, BF16,
+                               seed=17)
     for name in ("defensive_max", "snapkv", "unpooled_mean"):
         assert torch.equal(getattr(out[1], name), getattr(out[0], name)), name

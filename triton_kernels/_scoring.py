@@ -131,7 +131,7 @@ CONFIG = {
     "p2_gluon_programs_per_sm": 0,  # its programs per SM (0: p2_programs_per_sm)
     # its unpooled column sums' transposed probabilities by movmatrix (eight 8x8 transposes a half
     # tile) instead of an identity product on the tensor cores, 8 of the tile's 64 HMMA (H200, every
-    # layer at 32K: Qwen's pass 2 365 -> 344-357 us, Llama's 1602 -> 1510; h200_2026-12-03b/)
+    # layer at 32K: Qwen's pass 2 366 -> 344 us, Llama's 1592 -> 1500; h200_2026-12-03b/)
     "p2_gluon_movm": 1,
     # pass 1 in Gluon (`_scoring_gluon_pass1`) where it applies (sm_90, 16-bit, <= 256 window rows):
     # off, slower than the Triton kernel so far (H200, Qwen, every layer at 32K: 190 us at the settings

@@ -107,6 +107,37 @@ def bench(fn, min_reps=5, max_reps=200, budget_s=1.0, rotate=None):
     return s.elapsed_time(e) / reps, reps, times[len(times) // 2]
 
 
+def host_ms(fn, reps=None):
+    """Median host time to issue one call fn(0) (from an idle device, so the launch queue never
+    blocks it): the Python and launch work alone."""
+    reps = reps or (20 if DEV == "cuda" else 2)
+    _sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(0)
+        times.append((time.perf_counter() - t0) * 1e3)
+        _sync()
+    times.sort()
+    return times[len(times) // 2]
+
+
+def host_ms_triton_dispatch(fn, reps=None):
+    """host_ms with every launch through Triton's own dispatch (VLLM_DEFENSIVE_FAST_LAUNCH=0)."""
+    from vllm_defensive.triton_kernels import _launch
+
+    old = os.environ.get(_launch.ENV)
+    os.environ[_launch.ENV] = "0"
+    try:
+        fn(0)
+        return host_ms(fn, reps)
+    finally:
+        if old is None:
+            os.environ.pop(_launch.ENV, None)
+        else:
+            os.environ[_launch.ENV] = old
+
+
 def graph_ms(fn, copies=1):
     """Median ms of CUDA-graph replays of fn(i): device time without Python launch overhead."""
     if DEV != "cuda":
@@ -403,6 +434,7 @@ def bench_scoring(name, shp, n, ceil, probs_dtype=torch.bfloat16):
     err = max_rel_err(a, b)
     del a, b
     t_k, reps_k, t_ki = bench(kern, rotate=copies, budget_s=0.6)
+    t_h = host_ms(kern)
     t_g = graph_ms(kern, copies)
     brk = kernel_breakdown(kern) if n == 32768 else {}
     mem_k = peak_extra_mb(kern)
@@ -426,7 +458,7 @@ def bench_scoring(name, shp, n, ceil, probs_dtype=torch.bfloat16):
         "kernel_ms": t_k, "reference_ms": t_r, "speedup": t_r / t_k, "roofline_ms": roof,
         "of_roofline": t_k / roof, "roofline_measured_ms": roof_m,
         "of_roofline_measured": (t_k / roof_m) if roof_m else None, "kernel_graph_ms": t_g, "kernel_isolated_ms": t_ki,
-        "reference_isolated_ms": t_ri, "speedup_isolated": t_ri / t_ki,
+        "kernel_host_ms": t_h, "reference_isolated_ms": t_ri, "speedup_isolated": t_ri / t_ki,
         "graph_of_roofline": (t_g / roof) if t_g else None, "kernel_breakdown_us": brk,
         "roofline_terms_ms": {"memory_2pass": t_mem * 1e3, "tensor_core": t_tc * 1e3, "sfu_exp": t_sfu * 1e3,
                               "memory_1pass_floor": kbytes / ceil["copy_bw_Bps"] * 1e3},
@@ -475,6 +507,7 @@ def bench_scoring_layers(name, shp, n, ceil, probs_dtype=torch.bfloat16):
         t_k, reps_k, t_ki = bench(layered, budget_s=0.6)
         t_g = graph_ms(layered)
     t_l, reps_l, t_li = bench(per_layer, min_reps=3, budget_s=0.6)
+    t_h, t_hd = host_ms(layered), host_ms_triton_dispatch(layered)
     mem_k = peak_extra_mb(layered)
     kbytes = n * hkv * d * 2
     p = n - WINDOW
@@ -491,7 +524,8 @@ def bench_scoring_layers(name, shp, n, ceil, probs_dtype=torch.bfloat16):
             "layer_by_layer_ms": t_l, "speedup_vs_layer_by_layer": t_l / t_k, "roofline_ms": roof,
             "of_roofline": t_k / roof, "kernel_graph_ms": t_g, "graph_of_roofline": (t_g / roof) if t_g else None,
             "roofline_measured_ms": roof_m, "of_roofline_measured": (t_k / roof_m) if roof_m else None,
-            "sm_clock_during": clk.stats, "kernel_isolated_ms": t_ki, "layer_by_layer_isolated_ms": t_li, "extra_memory_mb": mem_k,
+            "sm_clock_during": clk.stats, "kernel_host_ms": t_h, "kernel_host_ms_triton_dispatch": t_hd,
+            "kernel_isolated_ms": t_ki, "layer_by_layer_isolated_ms": t_li, "extra_memory_mb": mem_k,
             "matches_layer_by_layer": same, "reps": [reps_k, reps_l]}
 
 
@@ -724,7 +758,7 @@ SUMMARY_KEYS = ("shape", "tokens", "kernel_ms", "reference_ms", "speedup", "roof
                 "reference_ms_per_layer", "kernel_graph_ms", "graph_of_roofline", "kernel_isolated_ms",
                 "reference_isolated_ms", "speedup_isolated", "cuda_cpp_ms", "cuda_cpp_graph_ms", "layers",
                 "layer_by_layer_ms", "speedup_vs_layer_by_layer", "roofline_measured_ms", "of_roofline_measured",
-                "sm_clock_during")
+                "sm_clock_during", "kernel_host_ms", "kernel_host_ms_triton_dispatch")
 
 
 def targets(results: dict, n: int = 32768) -> dict:
@@ -1030,7 +1064,9 @@ def main():
         "timing": ("kernel_ms / reference_ms: back-to-back calls (per-call average of a run of calls with "
                    "one sync at the end, as when the plugin scores layer after layer); *_isolated_ms: median of "
                    "single synchronised calls (host launch time + device time in series); kernel_graph_ms: CUDA-"
-                   "graph replay (device time alone). Inputs rotate among copies so L2 does not hold them."),
+                   "graph replay (device time alone); kernel_host_ms: median host time to issue one call from an "
+                   "idle device (kernel_host_ms_triton_dispatch: the same with every launch through Triton's "
+                   "dispatch, VLLM_DEFENSIVE_FAST_LAUNCH=0). Inputs rotate among copies so L2 does not hold them."),
         "roofline": (
             "scoring: max(memory, tensor core, exp unit) with memory = 2 reads of the layer's keys (the "
             "two-pass design: pass 1 softmax statistics, pass 2 pooled aggregation) + outputs, over the "

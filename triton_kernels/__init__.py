@@ -139,12 +139,13 @@ def paged_window_stats_layers(
     if queries.dim() != 4 or queries.shape[0] != len(key_caches) or not key_caches:
         raise ValueError(f"queries [layers, Hq, W, d] and one key cache per layer, got {tuple(queries.shape)} "
                          f"and {len(key_caches)} caches")
-    for cache in key_caches:
+    shared = same_layout(key_caches)
+    for cache in key_caches[:1] if shared else key_caches:  # (one layout: the first stands for all)
         _check_cache(cache, block_table, seq_len, "key_cache")
     w = queries.shape[2]
     if w > seq_len:
         raise ValueError(f"window ({w}) is longer than the context ({seq_len})")
-    if not (same_layout(key_caches)
+    if not (shared
             and _scoring_kernel_runs(queries.shape[1], key_caches[0].shape[2], w, seq_len, impl, queries.device)):
         return WindowStats.stack([
             paged_window_stats(queries[i], cache, block_table, seq_len, pool_kernel, scale, probs_dtype,
@@ -153,7 +154,7 @@ def paged_window_stats_layers(
     from . import _scoring
 
     return _scoring.window_stats_layers(queries, list(key_caches), block_table, seq_len, pool_kernel, scale,
-                                        probs_dtype, fix_window_bias)
+                                        probs_dtype, fix_window_bias, _same_layout=True)
 
 
 def window_stats(queries: torch.Tensor, keys: torch.Tensor, pool_kernel: int = 5, scale: float | None = None,

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, fast
 from ._pointers import aligned16, pointer_table
 
 # H100 sweep (llama8b, 32 layers, 32K, keep 20%): the disjoint copy is flat across tile sizes (within
@@ -155,8 +156,8 @@ def _launch(ptrs, nz, idx, idx_sl, src_bt, src_sl, dst_bt, dst_sl, cache, k_keep
     strides = cache.stride()
     esz = cache.element_size()
     bt = CONFIG["bt_inplace"] if inplace else CONFIG["bt"]
-    grid = (1 if inplace else triton.cdiv(k_keep, bt), hkv, nz)
-    _compact_kernel[grid](
+    grid = (1 if inplace else cdiv(k_keep, bt), hkv, nz)
+    fast(_compact_kernel)[grid](
         ptrs, idx, src_bt, dst_bt,
         strides[0], strides[1], strides[2], strides[3], block_size, k_keep, d,
         idx_sl, idx.stride(-2), src_sl, dst_sl,

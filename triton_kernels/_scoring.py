@@ -79,6 +79,8 @@ import triton.language as tl
 
 from vllm_defensive.policy.scoring import WindowStats
 
+from ._launch import cdiv, fast
+
 EPS = 1e-12
 MAX_ROWS = 512  # group size x window per KV head: the row index travels in 9 low bits of the max
 LOG2E = 1.4426950408889634
@@ -991,16 +993,16 @@ def window_stats(queries, key_cache, block_table, seq_len, pool_kernel=5, scale=
 
 
 def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5, scale=None, probs_dtype=None,
-                        fix_window_bias=False, _split_len=None):
+                        fix_window_bias=False, _split_len=None, _same_layout=False):
     """Every layer of one request in four launches: queries [layers, Hq, W, d], one key cache per
     layer (the same shape, strides and dtype), one block table. Returns WindowStats with fields
     [layers, Hkv, P] and the window bias as a [layers] device tensor (no sync)."""
-    from ._pointers import aligned16, pointer_table, same_layout
+    from ._pointers import pointer_table, same_layout
 
     lyr, hq, w, d = queries.shape
     if len(key_caches) != lyr or lyr == 0:
         raise ValueError(f"{lyr} layers of queries, {len(key_caches)} key caches")
-    if not same_layout(key_caches):
+    if not (_same_layout or same_layout(key_caches)):  # (the public entry point has checked it)
         raise ValueError("every layer's key cache must share shape, strides, dtype and device")
     kc = key_caches[0]
     nblocks, block_size, hkv, dk = kc.shape
@@ -1035,12 +1037,12 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     bd = max(16, _next_pow2(d))
     cfg = _cfg(d)
     br = _row_block(rows, cfg)
-    nrb = triton.cdiv(rows, br)
+    nrb = cdiv(rows, br)
     rnd = _ROUND[probs_dtype]
     gluon = _gluon_pass2(cfg, dev, rnd, half, d, cdt, kc.dtype)
     # pass 2's rows per program (its row blocks run in parallel)
     br2 = gluon.ROWS_PER_PROGRAM if gluon else (int(cfg["p2_br"]) or br)
-    nrb2 = triton.cdiv(rows, br2)
+    nrb2 = cdiv(rows, br2)
     rp = max(nrb * br, nrb2 * br2)
     exact = rnd > 0
     if fix_window_bias:
@@ -1054,36 +1056,36 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         # interior tiles (every key real, below the bias columns and the pooling edge at P) on split
         # programs; the edge tiles on one program per group of 32 rows (split indices 0 .. ng - 1)
         bn1 = g1.KEYS_PER_TILE
-        ng1 = triton.cdiv(rows, g1.ROWS_PER_GROUP)
-        t_lo = triton.cdiv(half, bn1)
+        ng1 = cdiv(rows, g1.ROWS_PER_GROUP)
+        t_lo = cdiv(half, bn1)
         t_hi = max(t_lo, min(p - half, bias_lo) // bn1)
         n_int = t_hi - t_lo
         target = max(1, cfg["p1_gluon_programs_per_sm"] * sms // pairs)
-        tps1 = max(1, triton.cdiv(n_int, target), min(cfg["p1_gluon_min_tiles"], n_int))
-        nsplit = ng1 + triton.cdiv(n_int, tps1)
+        tps1 = max(1, cdiv(n_int, target), min(cfg["p1_gluon_min_tiles"], n_int))
+        nsplit = ng1 + cdiv(n_int, tps1)
     else:
         bn1 = cfg["p1_bn"]
         if _split_len is None:
             target = max(1, cfg["p1_programs_per_sm"] * sms // max(1, pairs * nrb))
-            tiles = triton.cdiv(n, bn1)
-            split_tiles = triton.cdiv(tiles, target)
+            tiles = cdiv(n, bn1)
+            split_tiles = cdiv(tiles, target)
             if dev.type == "cuda":
                 # at least p1_min_tiles tiles a split while that still leaves a program per SM: one layer
                 # on few pairs would otherwise get splits of one or two tiles, too short to fill pass 1's
                 # pipeline (H200, one layer at 32K: Qwen 15.8 -> 12.9 us, Llama 36.5 -> 32.6)
-                wave_splits = triton.cdiv(sms, max(1, pairs * nrb))  # splits for one program per SM
+                wave_splits = cdiv(sms, max(1, pairs * nrb))  # splits for one program per SM
                 split_tiles = max(split_tiles, min(cfg["p1_min_tiles"], max(1, tiles // wave_splits)))
             split_len = split_tiles * bn1
         else:
             split_len = int(_split_len)
-        nsplit = triton.cdiv(n, split_len)
+        nsplit = cdiv(n, split_len)
     bn2 = cfg["p2_bn"]
     if 2 * half >= bn2 // 2:
         bn2 = _next_pow2(8 * half)  # keep the tile overlap (2 * half keys) a small fraction
     if gluon:  # no halo: tiles of 32 keys, their outputs lagging half keys behind
-        n_tiles = triton.cdiv(p + half, gluon.KEYS_PER_TILE)
+        n_tiles = cdiv(p + half, gluon.KEYS_PER_TILE)
     else:
-        n_tiles = triton.cdiv(p, bn2 - 2 * half)
+        n_tiles = cdiv(p, bn2 - 2 * half)
     rbits = max(1, (rp - 1).bit_length())  # row index of the max, padded rows included
     per_sm = (cfg["p2_gluon_programs_per_sm"] if gluon else 0) or cfg["p2_programs_per_sm"]
     progs = max(1, per_sm * sms // (pairs * nrb2)) if dev.type == "cuda" else 2
@@ -1093,8 +1095,8 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         progs = max(1, min(progs, n_tiles // MIN_TILES))
     if cfg["p2_progs"]:
         progs = int(cfg["p2_progs"])
-    tiles_per_prog = triton.cdiv(n_tiles, min(progs, n_tiles))
-    nprog = triton.cdiv(n_tiles, tiles_per_prog)
+    tiles_per_prog = cdiv(n_tiles, min(progs, n_tiles))
+    nprog = cdiv(n_tiles, tiles_per_prog)
 
     # one workspace: pass-1 partials | row stats | exact sums | their per-program partials | dmax |
     # snap | unp | pass 2's row-block shares of unp (none with one row block: unp is its share) and
@@ -1116,14 +1118,15 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     packedp = packedp.view(torch.int32)
     if nrb2 == 1:
         unpp = unp
-    kptrs = pointer_table([c.data_ptr() for c in key_caches], dev)
-    aligned = aligned16(key_caches)
+    addrs = [c.data_ptr() for c in key_caches]
+    kptrs = pointer_table(addrs, dev)
+    aligned = all(a % 16 == 0 for a in addrs)  # (aligned16's test, on the addresses at hand)
     kstrides = (kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3))
     bs_eff, bs_pow2, off32 = _addressing(kc)
     bs_shift = bs_eff.bit_length() - 1
 
     if g1:
-        g1.window_pass1_gluon[(nsplit, pairs)](
+        fast(g1.window_pass1_gluon)[(nsplit, pairs)](
             q, kptrs, block_table, part,
             q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
             n, p, w, g, rows, rp, bias_lo, bias_hi, t_lo, t_hi, tps1, nsplit, scale_log2,
@@ -1133,7 +1136,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
             num_warps=4, **_maxnreg(cfg["p1_gluon_maxnreg"]),
         )
     else:
-        _window_pass1[(nrb, nsplit, pairs)](
+        fast(_window_pass1)[(nrb, nsplit, pairs)](
             q, kptrs, block_table, part,
             q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
             n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2,
@@ -1148,11 +1151,11 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     # chain of dependent loads (H200, one layer at 32K: 55 us for Qwen's shape, half the call).
     # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range).
     # (it also zeroes the atomic-max share: values >= 0, whose bits order like them)
-    _window_combine[(triton.cdiv(rows, COMBINE_ROWS), pairs)](part, rowstats, packedp, rows, rp, nsplit,
-                                                             p if atomic_max else 0, BR=COMBINE_ROWS,
-                                                             BS=COMBINE_SPLITS, BZ=1024, num_warps=4)
+    fast(_window_combine)[(cdiv(rows, COMBINE_ROWS), pairs)](
+        part, rowstats, packedp, rows, rp, nsplit, p if atomic_max else 0,
+        BR=COMBINE_ROWS, BS=COMBINE_SPLITS, BZ=1024, num_warps=4)
     if gluon:
-        gluon.window_pass2_gluon[(nrb2 * nprog, pairs)](
+        fast(gluon.window_pass2_gluon)[(nrb2 * nprog, pairs)](
             q, kptrs, block_table, rowstats, packedp, unpp, psums,
             q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
             p, w, g, rows, rp, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi, half,
@@ -1161,7 +1164,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
             ATOMIC_MAX=atomic_max, MOVM=bool(cfg["p2_gluon_movm"]), num_warps=1, **_maxnreg(cfg["p2_gluon_maxnreg"]),
         )
     else:
-        _window_pass2[(nrb2 * nprog, pairs)](
+        fast(_window_pass2)[(nrb2 * nprog, pairs)](
             q, kptrs, block_table, rowstats, packedp, unpp, psums,
             q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
             p, w, g, rows, rp, d, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi,
@@ -1173,15 +1176,15 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
             **_maxnreg(cfg["p2_maxnreg"]),
         )
     if exact:
-        _window_sums[(triton.cdiv(rows, SUMS_TILE), pairs, 3)](psums, sums, rows, rp, nprog, BR=SUMS_TILE,
-                                                              BP=SUMS_TILE, num_warps=1)
+        fast(_window_sums)[(cdiv(rows, SUMS_TILE), pairs, 3)](
+            psums, sums, rows, rp, nprog, BR=SUMS_TILE, BP=SUMS_TILE, num_warps=1)
     if exact and not fix_window_bias:  # exact sum of the rounded probabilities, as the reference
         bias_src, bias_stride, bias_off = sums, 3 * rp, 2 * rp
     else:
         bias_src, bias_stride, bias_off = rowstats, 4 * rp, 3 * rp
     fix_bn = 256
     fix_step = fix_bn - 2 * half if nrb2 > 1 else fix_bn  # (merging programs overlap by the halo)
-    _window_fixup[(triton.cdiv(p, fix_step), pairs)](
+    fast(_window_fixup)[(cdiv(p, fix_step), pairs)](
         dmax, snap, unp, unpp, packedp, rowstats, sums, bias, p, rows, rp, hkv, nrb2, 1 if atomic_max else nrb2,
         pstride, bias_stride, bias_src[bias_off:],
         HALF=half, KPOOL=pool_kernel, BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd,

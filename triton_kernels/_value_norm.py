@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, fast
+
 CONFIG = {"bt": 128, "bt_small": 64, "bo": 128, "warps": 8, "stages": 3}
 
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -64,7 +66,7 @@ def long_prompt_threshold(num_kv_heads: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return CONFIG["bt"] * triton.cdiv(2 * sms, num_kv_heads)
+    return CONFIG["bt"] * cdiv(2 * sms, num_kv_heads)
 
 
 def _next_pow2(x: int) -> int:
@@ -103,7 +105,7 @@ def value_norms_layers(value_caches, block_table, num_tokens, o_proj_weights):
     same = value_cache.dtype == o_proj_weight.dtype and value_cache.dtype in (torch.bfloat16, torch.float16)
     cdt = value_cache.dtype if same else torch.float32
     bt = CONFIG["bt"] if n >= long_prompt_threshold(hkv, dev) else CONFIG["bt_small"]
-    _value_norm_kernel[(triton.cdiv(n, bt), lyr * hkv)](
+    fast(_value_norm_kernel)[(cdiv(n, bt), lyr * hkv)](
         pointer_table([v.data_ptr() for v in value_caches], dev), block_table.contiguous(),
         pointer_table([w.data_ptr() for w in o_proj_weights], dev), out,
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), value_cache.stride(3),

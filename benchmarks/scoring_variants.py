@@ -6,9 +6,8 @@ time) with the per-kernel split, one change of the tuned per-head-dim defaults a
 
 The 2026-12-02b to h and 2026-12-03 records (results/kernels/h200_2026-12-02b/sweep*.json,
 h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/ to h200_2026-12-02h/ and
-h200_2026-12-03/sweep_*.json, h200_2026-12-03b/) came from this script with the VARIANTS of that pass
-(the last set is below: the 2026-12-03b change to the Gluon pass 2 turned off, a deeper key ring,
-and Qwen's pass-2 register cap with the registers movmatrix freed: 13 or 14 warps an SM, not 12);
+h200_2026-12-03/sweep_*.json, h200_2026-12-03b/, h200_2026-12-03c/) came from this script with the
+VARIANTS of that pass (the last set is below: the Gluon pass 2's program counts, the fixup's tile);
 edit VARIANTS for the next one.
 --check adds each one's largest relative error against the reference."""
 import argparse
@@ -24,9 +23,13 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    "qwen05b": [{}, {"p2_gluon_movm": 0}, {"p2_gluon_stages": 4}, {"p2_gluon_maxnreg": 152},
-                {"p2_gluon_maxnreg": 144}],
-    "llama8b": [{}, {"p2_gluon_movm": 0}, {"p2_gluon_stages": 4}],
+    # pass 2's programs per (row block, pair) against whole waves of resident programs (H200, 32K:
+    # Qwen 12 a SM at 168 registers, 336 row-block pairs: 36 -> 2.97 waves, 64 -> 5.30; Llama 8 a SM,
+    # 1024: 16 -> 1.94, 48 -> 5.82)
+    "qwen05b": [{}] + [{"p2_gluon_programs_per_sm": x} for x in (36, 48, 60, 72, 96, 120)]
+    + [{"fix_bn": b, "fix_warps": w} for b, w in ((512, 4), (1024, 4), (1024, 8), (2048, 8))],
+    "llama8b": [{}] + [{"p2_gluon_programs_per_sm": x} for x in (16, 24, 32, 40, 64)]
+    + [{"fix_bn": b, "fix_warps": w} for b, w in ((512, 4), (1024, 4), (1024, 8), (2048, 8))],
 }
 
 

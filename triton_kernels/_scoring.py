@@ -61,11 +61,10 @@ error (under one ulp of probs_dtype) the value may be the other row's. The offic
 is likewise the exact sum of rounded probabilities; the fixed variant (`fix_window_bias`) is
 computed from the unrounded ones.
 
-Host cost: about 0.25-0.3 ms of Python/launch work per call (H100 and H200 machines; five Triton
-launches at ~50 us each in Triton's launcher, ~60 us of ours: cProfile in
-benchmarks/results/kernels/h200_2026-12-02/host_prof.txt), once per request instead of once per
-layer (24-32 layers: 6-10 ms of host time that the per-layer calls paid, more than the device
-work of a short prompt).
+Host cost: ~0.25 ms of Python and launch work per call (H200 machine, Qwen2.5-0.5B's shape, 24
+layers; 0.37 ms with every launch through Triton's dispatch, which `_launch.fast` skips once a
+kernel is compiled: ~25 us a launch), once per request instead of once per layer (24-32 layers:
+6-10 ms of host time that the per-layer calls paid, more than the device work of a short prompt).
 """
 
 from __future__ import annotations
@@ -145,6 +144,8 @@ CONFIG = {
     "p1_gluon_maxnreg": 168,  # three programs per SM (without a cap: 255 registers, two; 128 spills)
     "p1_gluon_programs_per_sm": 3,  # its interior splits: programs per SM
     "p1_gluon_min_tiles": 8,  # key tiles per interior split, at least
+    "fix_bn": 256,  # the fixup's keys per program (with several row blocks: its window, outputs 2 * halo fewer)
+    "fix_warps": 4,
 }
 # Per head-dim overrides of CONFIG: the best of the H200 runs on the layered path at 32K
 # (benchmarks/results/kernels/h200_2026-12-01b/, h200_2026-12-02/, h200_2026-12-02b/, h200_2026-12-02c/,
@@ -1182,12 +1183,12 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         bias_src, bias_stride, bias_off = sums, 3 * rp, 2 * rp
     else:
         bias_src, bias_stride, bias_off = rowstats, 4 * rp, 3 * rp
-    fix_bn = 256
+    fix_bn = int(cfg["fix_bn"])
     fix_step = fix_bn - 2 * half if nrb2 > 1 else fix_bn  # (merging programs overlap by the halo)
     fast(_window_fixup)[(cdiv(p, fix_step), pairs)](
         dmax, snap, unp, unpp, packedp, rowstats, sums, bias, p, rows, rp, hkv, nrb2, 1 if atomic_max else nrb2,
         pstride, bias_stride, bias_src[bias_off:],
         HALF=half, KPOOL=pool_kernel, BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd,
-        DO_FIX=exact, INTERP=interp, MERGE=nrb2 > 1, num_warps=4,
+        DO_FIX=exact, INTERP=interp, MERGE=nrb2 > 1, num_warps=int(cfg["fix_warps"]),
     )
     return WindowStats(dmax.view(lyr, hkv, p), snap.view(lyr, hkv, p), unp.view(lyr, hkv, p), bias)

@@ -144,8 +144,11 @@ CONFIG = {
     "p1_gluon_maxnreg": 168,  # three programs per SM (without a cap: 255 registers, two; 128 spills)
     "p1_gluon_programs_per_sm": 3,  # its interior splits: programs per SM
     "p1_gluon_min_tiles": 8,  # key tiles per interior split, at least
-    "fix_bn": 256,  # the fixup's keys per program (with several row blocks: its window, outputs 2 * halo fewer)
-    "fix_warps": 4,
+    # the fixup's keys per program (with several row blocks: its window, outputs 2 * halo fewer) and warps
+    # (H200, every layer at 32K, against 256 on 4: Qwen 23.6 -> 22.5 us, Llama 89.7 -> 80.3;
+    # h200_2026-12-03c/sweep_programs_fixup.json)
+    "fix_bn": 1024,
+    "fix_warps": 8,
 }
 # Per head-dim overrides of CONFIG: the best of the H200 runs on the layered path at 32K
 # (benchmarks/results/kernels/h200_2026-12-01b/, h200_2026-12-02/, h200_2026-12-02b/, h200_2026-12-02c/,

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RUN = os.path.join(ROOT, "benchmarks", "results", "kernels", "h200_2026-12-03b")
+RUN = os.path.join(ROOT, "benchmarks", "results", "kernels", "h200_2026-12-03c")
 
 
 def test_summary_is_rebuilt_from_the_records(tmp_path):
@@ -35,6 +35,10 @@ def test_summary_is_rebuilt_from_the_records(tmp_path):
         assert r["roofline_measured_ms"] >= r["roofline_ms"]
         assert abs(r["of_roofline_measured"] - r["kernel_ms"] / r["roofline_measured_ms"]) < 1e-9
         assert r["sm_clock_during"]["samples"] > 0
+    # the host time of a layered call, with the launch fast path and through Triton's dispatch
+    host = [(r["kernel_host_ms"], r["kernel_host_ms_triton_dispatch"]) for r in records["scoring_layers"]]
+    assert host and all(a > 0 and b > 0 for a, b in host)
+    assert sum(a < b for a, b in host) >= 0.75 * len(host)
     ceil = records["ceilings"]
     assert 0 < ceil["sfu_exp_measured_per_s"] <= ceil["sfu_exp_per_s"]
     assert rebuilt["ceilings"]["exp_Tps_measured"] == ceil["sfu_exp_measured_per_s"] / 1e12

@@ -5,6 +5,9 @@ vLLM imports OpenAI's package of that name). Triton kernels on CUDA; the same fu
 to pure PyTorch (gather from the pages, then the policy library) where Triton or CUDA is missing,
 e.g. on the CPU build of vLLM. See ``backend()``.
 
+Launches: every kernel goes through ``_launch.fast``, which skips Triton's per-call dispatch once
+a specialisation has been compiled (~25 us a launch); ``VLLM_DEFENSIVE_FAST_LAUNCH=0`` turns it off.
+
 Cache layout (vLLM 0.24.0, FlashAttention backend): one layer's cache is
 ``(num_blocks, 2, block_size, num_kv_heads, head_size)``; pass its K and V halves
 (``split_kv_cache``), i.e. ``[num_blocks, block_size, num_kv_heads, head_size]`` views with any

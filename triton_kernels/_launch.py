@@ -33,12 +33,17 @@ def enabled() -> bool:
 
 def _spec(args: tuple) -> tuple:
     """What Triton's binder specialises on in positional arguments (ints: 1, divisible by 16,
-    64-bit; tensors: dtype, 16-byte alignment; bools by value; floats: nothing)."""
+    64-bit; tensors: dtype, 16-byte alignment; bools by value; floats: nothing). Finer than
+    Triton's key is harmless (a second key for the same kernel); coarser would launch a kernel
+    compiled for other arguments, so every class Triton tells apart is told apart here."""
     out = []
     for a in args:
         t = type(a)
         if t is int:
-            out.append(1 if a == 1 else 4 if not _INT32[0] <= a < _INT32[1] else 2 if a % 16 == 0 else 3)
+            if _INT32[0] <= a < _INT32[1]:
+                out.append(1 if a == 1 else 2 if a % 16 == 0 else 3)
+            else:  # i64, or u64 from 2^63 (and their divisibility)
+                out.append((a >= 2**63, a % 16 == 0))
         elif t is float:
             out.append(0)
         elif t is bool or a is None:
@@ -52,6 +57,14 @@ def _spec(args: tuple) -> tuple:
             except TypeError:
                 out.append(type(a))
     return tuple(out)
+
+
+def call_fits(params, n_positional: int, kw: dict) -> bool:
+    """A launch the fast path can repeat: the run-time arguments positional (a positional
+    constexpr is specialised by value, which `_spec` does not key on) and every constexpr by
+    keyword (keyed by value; a run-time keyword would be frozen at its first value)."""
+    return (all(not p.is_constexpr for p in params[:n_positional])
+            and all(p.is_constexpr and p.name in kw for p in params[n_positional:]))
 
 
 def _hooked(chain) -> bool:
@@ -94,12 +107,13 @@ class FastKernel:
         return kernel
 
     def _tail(self, args: tuple, kw: dict):
-        """The keyword arguments that are kernel parameters, in the kernel's order (None when the
-        positional and keyword arguments do not cover every parameter: defaults are not filled in)."""
-        names = self.fn.arg_names[len(args):]
-        if any(n not in kw for n in names) or any(p.is_constexpr for p in self.fn.params[:len(args)]):
-            return None  # (a positional constexpr is specialised by value, which _spec does not key on)
-        return tuple(kw[n] for n in names)
+        """The constexpr keyword arguments, in the kernel's order, that every later launch with this
+        key passes as they are; None (Triton's path every time) where the call does not pass the
+        run-time arguments positionally and every constexpr by keyword (defaults are not filled in)."""
+        params = self.fn.params
+        if not call_fits(params, len(args), kw):
+            return None
+        return tuple(kw[p.name] for p in params[len(args):])
 
 
 _KERNELS: dict = {}

@@ -18,6 +18,7 @@ def test_spec_classes_follow_tritons_int_specialisation():
     assert _spec((16,)) == _spec((4096,)) != _spec((17,))
     assert _spec((17,)) == _spec((4095,))
     assert _spec((2**31,)) != _spec((2**31 - 16,))
+    assert _spec((2**32,)) != _spec((2**32 + 1,)) and _spec((2**63,)) != _spec((2**62,))
     assert _spec((0.5,)) == _spec((2.0,))
     assert _spec((True,)) != _spec((False,))
     assert _spec((None,)) != _spec((0,))
@@ -46,6 +47,45 @@ def test_interpreted_functions_always_take_tritons_path():
     if hasattr(_scoring._window_fixup, "device_caches"):
         pytest.skip("compiled Triton here (CUDA): the GPU tests below cover it")
     assert k.hits == 0
+
+
+@pytest.mark.interp
+def test_every_launch_of_the_package_fits_the_fast_path(monkeypatch, kernels_run):
+    """Each kernel call site passes its run-time arguments positionally and its constexprs by
+    keyword, so on CUDA every launch after the first skips Triton's dispatch (checked here on
+    the interpreter's calls, against the kernels' own parameter lists)."""
+    from triton.runtime.jit import JITFunction
+
+    import vllm_defensive.triton_kernels as tk
+
+    seen = {}
+    real = _launch.FastKernel.launch
+
+    def record(self, grid, args, kw):
+        seen.setdefault(getattr(self.fn, "__name__", None) or self.fn.fn.__name__, (self.fn, len(args), kw))
+        return real(self, grid, args, kw)
+
+    monkeypatch.setattr(_launch.FastKernel, "launch", record)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    impl = "triton"
+    gen = torch.Generator().manual_seed(5)
+    q, caches, table = _layered_any(70, gen, dev)
+    tk.paged_window_stats_layers(q, caches, table, 70, probs_dtype=torch.bfloat16, impl=impl)
+    w = torch.randn(32, 4 * 16, generator=gen).to(dev, torch.bfloat16)  # o_proj [D, Hq * d]
+    tk.paged_value_norms_layers(caches, table, 70, [w] * len(caches), impl=impl)
+    kept = torch.stack([torch.arange(0, 60, 3)] * 2).to(dev)
+    tk.compact_kv(caches[:1], caches[1:2], kept, table, impl=impl)
+    assert {"_window_pass1", "_window_combine", "_window_sums", "_window_fixup", "_value_norm_kernel",
+            "_compact_kernel"} <= set(seen)
+    for name, (fn, n_pos, kw) in seen.items():
+        params = fn.params if hasattr(fn, "params") else JITFunction(fn.fn).params
+        assert _launch.call_fits(params, n_pos, kw), name
+
+
+def _layered_any(n, gen, dev, layers=2):
+    """Small layered inputs (4 query heads on 2 KV heads, head dim 16) on `dev`."""
+    q, caches, _, table = layered_paged_inputs(4, 2, 8, n, 16, torch.bfloat16, dev, gen, 16, "NHD", layers)
+    return torch.stack(q), caches, table
 
 
 def _stats(out):

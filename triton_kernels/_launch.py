@@ -7,13 +7,16 @@ looks the compiled kernel up by a key of its own built from the same inputs Trit
 (each int's value class: 1, a multiple of 16, or 64-bit; each tensor's dtype and 16-byte alignment;
 the constexpr and option keywords by value), and calls the kernel's launcher directly. A key it has
 not seen goes through Triton once, which compiles or finds the kernel; so do launches while a
-launch hook is set (profilers), under the interpreter, and all launches with
-``VLLM_DEFENSIVE_FAST_LAUNCH=0``. Launches by keyword for non-constexpr arguments are not supported
-(they go through Triton every time).
+launch hook is set (profilers), under the interpreter, under a Triton other than 3.6 (whose
+launcher convention this calls) and with ``VLLM_DEFENSIVE_FAST_LAUNCH=0``. Launches that pass a
+run-time argument by keyword or a constexpr positionally always go through Triton (`call_fits`).
+Triton options read from the environment at launch (``TRITON_DEBUG``) are not part of the key:
+changing them in a running process keeps the kernels already compiled.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,8 +30,22 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# The launcher's calling convention (`CompiledKernel.run(gx, gy, gz, stream, function, packed
+# metadata, launch metadata, enter hook, exit hook, *args)`) is Triton 3.6's, the release torch
+# 2.11 / vLLM 0.24.0 ship with; under any other Triton every launch takes Triton's own path.
+TRITON_SERIES = "3.6."
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_supported() -> bool:
+    import triton
+
+    return triton.__version__.startswith(TRITON_SERIES)
+
+
 def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return (os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+            and _triton_supported())
 
 
 def _spec(args: tuple) -> tuple:
@@ -92,7 +109,10 @@ class FastKernel:
             return self.fn[grid](*args, **kw)
         device = driver.active.get_current_device()
         key = (device, _spec(args), tuple(kw.items()))
-        hit = self._compiled.get(key)
+        try:
+            hit = self._compiled.get(key)
+        except TypeError:  # an unhashable keyword value: Triton's path
+            return self.fn[grid](*args, **kw)
         if hit is None:
             kernel = self.fn[grid](*args, **kw)
             tail = self._tail(args, kw)

@@ -31,8 +31,18 @@ def test_spec_tracks_tensor_dtype_and_alignment():
     assert _spec((x,)) != _spec((x.to(torch.bfloat16),))
 
 
-def test_disabled_by_env(monkeypatch):
-    assert _launch.enabled()
+def test_disabled_by_env_and_off_other_triton_releases(monkeypatch):
+    import triton
+
+    assert _launch.enabled() == triton.__version__.startswith(_launch.TRITON_SERIES)
+    _launch._triton_supported.cache_clear()
+    monkeypatch.setattr(triton, "__version__", "3.7.0")
+    try:
+        assert not _launch.enabled()
+    finally:
+        monkeypatch.undo()
+        _launch._triton_supported.cache_clear()
+    assert _launch.enabled() == triton.__version__.startswith(_launch.TRITON_SERIES)
     for v in ("0", "false", "off"):
         monkeypatch.setenv(_launch.ENV, v)
         assert not _launch.enabled()

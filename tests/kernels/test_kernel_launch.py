@@ -60,7 +60,7 @@ def test_interpreted_functions_always_take_tritons_path():
 
 
 @pytest.mark.interp
-def test_every_launch_of_the_package_fits_the_fast_path(monkeypatch, kernels_run):
+def test_every_launch_of_the_package_fits_the_fast_path(monkeypatch):
     """Each kernel call site passes its run-time arguments positionally and its constexprs by
     keyword, so on CUDA every launch after the first skips Triton's dispatch (checked here on
     the interpreter's calls, against the kernels' own parameter lists)."""
@@ -79,7 +79,7 @@ def test_every_launch_of_the_package_fits_the_fast_path(monkeypatch, kernels_run
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     impl = "triton"
     gen = torch.Generator().manual_seed(5)
-    q, caches, table = _layered_any(70, gen, dev)
+    q, caches, table = _layered(70, gen, dev, layers=2, hq=4, hkv=2, d=16, w=8)
     tk.paged_window_stats_layers(q, caches, table, 70, probs_dtype=torch.bfloat16, impl=impl)
     w = torch.randn(32, 4 * 16, generator=gen).to(dev, torch.bfloat16)  # o_proj [D, Hq * d]
     tk.paged_value_norms_layers(caches, table, 70, [w] * len(caches), impl=impl)
@@ -92,19 +92,14 @@ def test_every_launch_of_the_package_fits_the_fast_path(monkeypatch, kernels_run
         assert _launch.call_fits(params, n_pos, kw), name
 
 
-def _layered_any(n, gen, dev, layers=2):
-    """Small layered inputs (4 query heads on 2 KV heads, head dim 16) on `dev`."""
-    q, caches, _, table = layered_paged_inputs(4, 2, 8, n, 16, torch.bfloat16, dev, gen, 16, "NHD", layers)
+def _layered(n, gen, dev="cuda", layers=3, hq=14, hkv=2, d=64, w=32):
+    """Layered inputs (queries [layers, Hq, W, d], one paged cache per layer, one block table)."""
+    q, caches, _, table = layered_paged_inputs(hq, hkv, w, n, d, torch.bfloat16, dev, gen, 16, "NHD", layers)
     return torch.stack(q), caches, table
 
 
 def _stats(out):
     return [out.defensive_max, out.snapkv, out.unpooled_mean, out.window_bias]
-
-
-def _layered(n, gen, layers=3, hq=14, hkv=2, d=64):
-    q, caches, _, table = layered_paged_inputs(hq, hkv, 32, n, d, torch.bfloat16, "cuda", gen, 16, "NHD", layers)
-    return torch.stack(q), caches, table
 
 
 @pytest.mark.gpu

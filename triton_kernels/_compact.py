@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._launch import cdiv, fast
-from ._pointers import aligned16, pointer_table
+from ._pointers import base_table
 
 # H100 sweep (llama8b, 32 layers, 32K, keep 20%): the disjoint copy is flat across tile sizes (within
 # 3%); in place, 128-token chunks with 4 warps were best.
@@ -138,16 +138,15 @@ def compact_kv(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.
         if c.shape[1:] != c0.shape[1:]:
             raise ValueError("every cache must have the same block size, heads and head dim")
     if all(c.dtype == c0.dtype and c.stride() == c0.stride() for c in caches):
-        ptrs = pointer_table([c.data_ptr() for c in caches], dev)
-        _launch(ptrs, len(caches), kept_l, idx_sl, src_bt, src_sl, dst_bt, dst_sl, c0, k_keep, inplace,
-                aligned16(caches))
+        ptrs, aligned = base_table(caches, dev)
+        _launch(ptrs, len(caches), kept_l, idx_sl, src_bt, src_sl, dst_bt, dst_sl, c0, k_keep, inplace, aligned)
         return 1
     for z, c in enumerate(caches):
         lay = z // 2
-        ptrs = pointer_table([c.data_ptr()], dev)
+        ptrs, aligned = base_table([c], dev)
         _launch(ptrs, 1, kept_l[0 if idx_sl == 0 else lay].unsqueeze(0), 0,
                 src_bt if src_sl == 0 else src_bt[lay], 0, dst_bt if dst_sl == 0 else dst_bt[lay], 0,
-                c, k_keep, inplace, aligned16([c]))
+                c, k_keep, inplace, aligned)
     return len(caches)
 
 

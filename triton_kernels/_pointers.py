@@ -51,7 +51,9 @@ def same_layout(tensors: Sequence[torch.Tensor]) -> bool:
                and t.device == first.device for t in tensors)
 
 
-def aligned16(tensors: Sequence[torch.Tensor]) -> bool:
-    """Every base address 16-byte aligned: lets a kernel promise it (tl.multiple_of) to the
-    compiler, which a loaded pointer otherwise hides, and keep its vectorised loads."""
-    return all(t.data_ptr() % 16 == 0 for t in tensors)
+def base_table(tensors: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, bool]:
+    """(`pointer_table` of the tensors' base addresses, every one of them 16-byte aligned?), each
+    address read once. The alignment lets a kernel promise it (tl.multiple_of) to the compiler,
+    which a loaded pointer otherwise hides, and keep its vectorised loads."""
+    addrs = [t.data_ptr() for t in tensors]
+    return pointer_table(addrs, device), all(a % 16 == 0 for a in addrs)

@@ -1001,7 +1001,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     """Every layer of one request in four launches: queries [layers, Hq, W, d], one key cache per
     layer (the same shape, strides and dtype), one block table. Returns WindowStats with fields
     [layers, Hkv, P] and the window bias as a [layers] device tensor (no sync)."""
-    from ._pointers import pointer_table, same_layout
+    from ._pointers import base_table, same_layout
 
     lyr, hq, w, d = queries.shape
     if len(key_caches) != lyr or lyr == 0:
@@ -1122,9 +1122,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     packedp = packedp.view(torch.int32)
     if nrb2 == 1:
         unpp = unp
-    addrs = [c.data_ptr() for c in key_caches]
-    kptrs = pointer_table(addrs, dev)
-    aligned = all(a % 16 == 0 for a in addrs)  # (aligned16's test, on the addresses at hand)
+    kptrs, aligned = base_table(key_caches, dev)
     kstrides = (kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3))
     bs_eff, bs_pow2, off32 = _addressing(kc)
     bs_shift = bs_eff.bit_length() - 1

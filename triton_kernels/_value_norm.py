@@ -81,7 +81,7 @@ def value_norms(value_cache, block_table, num_tokens, o_proj_weight):
 def value_norms_layers(value_caches, block_table, num_tokens, o_proj_weights):
     """Every layer in one launch: one value cache and one o_proj weight per layer (each set sharing
     shape, strides and dtype) -> fp32 [layers, Hkv, N]."""
-    from ._pointers import aligned16, pointer_table, same_layout
+    from ._pointers import base_table, same_layout
 
     lyr = len(value_caches)
     if lyr == 0 or len(o_proj_weights) != lyr:
@@ -105,13 +105,14 @@ def value_norms_layers(value_caches, block_table, num_tokens, o_proj_weights):
     same = value_cache.dtype == o_proj_weight.dtype and value_cache.dtype in (torch.bfloat16, torch.float16)
     cdt = value_cache.dtype if same else torch.float32
     bt = CONFIG["bt"] if n >= long_prompt_threshold(hkv, dev) else CONFIG["bt_small"]
+    vptrs, v_aligned = base_table(value_caches, dev)
+    wptrs, w_aligned = base_table(o_proj_weights, dev)
     fast(_value_norm_kernel)[(cdiv(n, bt), lyr * hkv)](
-        pointer_table([v.data_ptr() for v in value_caches], dev), block_table.contiguous(),
-        pointer_table([w.data_ptr() for w in o_proj_weights], dev), out,
+        vptrs, block_table.contiguous(), wptrs, out,
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), value_cache.stride(3),
         block_size, hkv, n, g, dout, d, o_proj_weight.stride(0), o_proj_weight.stride(1),
         BTK=bt, BO=CONFIG["bo"], BD=max(16, _next_pow2(d)), CDT=_TL[cdt], VDT=_TL[value_cache.dtype],
-        WDT=_TL[o_proj_weight.dtype], ALIGNED=aligned16(value_caches) and aligned16(o_proj_weights),
+        WDT=_TL[o_proj_weight.dtype], ALIGNED=v_aligned and w_aligned,
         DOT_PREC="ieee" if cdt == torch.float32 else "tf32", INTERP=dev.type == "cpu",
         num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
     )

@@ -978,18 +978,20 @@ def resources():
                      gluon.ROWS_PER_PROGRAM * gluon.KEYS_PER_TILE / 32,
                      f"{name} BR={gluon.ROWS_PER_PROGRAM} BN={gluon.KEYS_PER_TILE} probs {PROBS[rnd]}",
                      source=GluonASTSource)
-        # the Gluon pass 1 (one-warp programs of 32 rows)
+        # the Gluon pass 1 (sm_90; off by default: slower than the Triton one so far), with and
+        # without its polynomial exponentials
         from vllm_defensive.triton_kernels import _scoring_gluon_pass1 as g1
         from triton.experimental.gluon._runtime import GluonASTSource
 
         ng1 = -(-g * WINDOW // g1.ROWS_PER_GROUP)
-        comp(g1.window_pass1_gluon, dict(ptrs, PART="*fp32"),
-             dict(HALF=2, KPOOL=5, BD=d, NG=ng1, KDT=tl.bfloat16, ALIGNED=True, BS_POW2=True, OFF32=True,
-                  STAGES=int(c["p1_gluon_stages"])),
-             dict(num_warps=1, **_scoring._maxnreg(c["p1_gluon_maxnreg"])),
-             g1.ROWS_PER_GROUP * g1.KEYS_PER_TILE / 32,
-             f"{name} NG={ng1} BN={g1.KEYS_PER_TILE}{'' if c['p1_gluon'] else ' (off)'}",
-             source=GluonASTSource, largest=True)
+        for npoly in (0, 1):
+            comp(g1.window_pass1_gluon, dict(ptrs, PART="*fp32"),
+                 dict(HALF=2, KPOOL=5, BD=d, NG=ng1, KDT=tl.bfloat16, ALIGNED=True, BS_POW2=True, OFF32=True,
+                      STAGES=int(c["p1_gluon_stages"]), NPOLY=npoly, AHEAD=bool(c["p1_gluon_ahead"])),
+                 dict(num_warps=4, **_scoring._maxnreg(c["p1_gluon_maxnreg"])),
+                 ng1 * g1.ROWS_PER_GROUP * g1.KEYS_PER_TILE / 128,
+                 f"{name} NG={ng1} BN={g1.KEYS_PER_TILE} npoly {npoly}{'' if c['p1_gluon'] else ' (off)'}",
+                 source=GluonASTSource, largest=True)
         # the small kernels around the passes: compiled too (a GPU-only compile error shows here)
         comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32", "ZERO": "*i32"},
              dict(BR=_scoring.COMBINE_ROWS, BS=_scoring.COMBINE_SPLITS, BZ=1024),

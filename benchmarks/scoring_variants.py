@@ -7,8 +7,9 @@ time) with the per-kernel split, one change of the tuned per-head-dim defaults a
 The 2026-12-02b to h and 2026-12-03 records (results/kernels/h200_2026-12-02b/sweep*.json,
 h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/ to h200_2026-12-02h/ and
 h200_2026-12-03/sweep_*.json, h200_2026-12-03b/, h200_2026-12-03c/) came from this script with the
-VARIANTS of that pass (the last set is below: the one-warp Gluon pass 1's settings);
-edit VARIANTS for the next one.
+VARIANTS of that pass (the set below: the Gluon pass 2's program counts, the fixup's tile;
+h200_2026-12-03d/ ran the VARIANTS of commit b656572, whose kernel was reverted); edit VARIANTS for
+the next one.
 --check adds each one's largest relative error against the reference."""
 import argparse
 import json
@@ -23,16 +24,13 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    # the Gluon pass 1 on one-warp programs of one or two groups of 32 rows (no padded rows: Qwen's
-    # 224 rows a KV head in seven groups, not 256 in two 128-row blocks; two groups a program share
-    # each key tile's copy): programs per SM, register cap, ring depth
-    "qwen05b": [{}]
-    + [{"p1_gluon": 1, "p1_gluon_programs_per_sm": x} for x in (16, 32, 48)]
-    + [{"p1_gluon": 1, "p1_gluon_maxnreg": r} for r in (0, 200)]
-    + [{"p1_gluon": 1, "p1_gluon_stages": 4}]
-    + [{"p1_gluon": 1, "p1_gluon_groups": 1, "p1_gluon_maxnreg": 128, "p1_gluon_programs_per_sm": 48}]
-    + [{}],
-    "llama8b": [{}] + [{"p1_gluon": 1, "p1_gluon_maxnreg": r} for r in (0, 232)],
+    # pass 2's programs per (row block, pair) against whole waves of resident programs (H200, 32K:
+    # Qwen 12 a SM at 168 registers, 336 row-block pairs: 36 -> 2.97 waves, 64 -> 5.30; Llama 8 a SM,
+    # 1024: 16 -> 1.94, 48 -> 5.82)
+    "qwen05b": [{}] + [{"p2_gluon_programs_per_sm": x} for x in (36, 48, 60, 72, 96, 120)]
+    + [{"fix_bn": b, "fix_warps": w} for b, w in ((512, 4), (1024, 4), (1024, 8), (2048, 8))],
+    "llama8b": [{}] + [{"p2_gluon_programs_per_sm": x} for x in (16, 24, 32, 40, 64)]
+    + [{"fix_bn": b, "fix_warps": w} for b, w in ((512, 4), (1024, 4), (1024, 8), (2048, 8))],
 }
 
 

@@ -134,14 +134,15 @@ CONFIG = {
     # tile) instead of an identity product on the tensor cores, 8 of the tile's 64 HMMA (H200, every
     # layer at 32K: Qwen's pass 2 366 -> 344 us, Llama's 1592 -> 1500; h200_2026-12-03b/)
     "p2_gluon_movm": 1,
-    # pass 1 in Gluon (`_scoring_gluon_pass1`) where it applies (CUDA sm_80+, 16-bit queries and keys):
-    # one-warp programs of 32 window rows, as pass 2's (a warpgroup-MMA version over every row of a
-    # group, before it, was slower than the Triton kernel: H200, Qwen at 32K, 190 us against 175)
+    # pass 1 in Gluon (`_scoring_gluon_pass1`) where it applies (sm_90, 16-bit, <= 256 window rows):
+    # off, slower than the Triton kernel so far (H200, Qwen, every layer at 32K: 190 us at the settings
+    # below against 175; benchmarks/results/kernels/h200_2026-12-02h/)
     "p1_gluon": 0,
+    "p1_gluon_npoly": 0,  # its row groups whose exponentials run on the FMA pipe (a polynomial): 1 was slower
     "p1_gluon_stages": 3,  # key tiles in its shared-memory ring
-    "p1_gluon_maxnreg": 168,  # register cap per thread (0: the compiler's choice)
-    "p1_gluon_programs_per_sm": 32,  # its interior (group, split) programs per SM
-    "p1_gluon_groups": 2,  # groups of 32 rows per program (1 or 2: two share each key tile's copy)
+    "p1_gluon_ahead": 0,  # the next group's product issued before a group's exponentials (16 registers)
+    "p1_gluon_maxnreg": 168,  # three programs per SM (without a cap: 255 registers, two; 128 spills)
+    "p1_gluon_programs_per_sm": 3,  # its interior splits: programs per SM
     "p1_gluon_min_tiles": 8,  # key tiles per interior split, at least
     # the fixup's keys per program (with several row blocks: its window, outputs 2 * halo fewer) and warps
     # (H200, every layer at 32K, against 256 on 4: Qwen 23.6 -> 22.5 us, Llama 89.7 -> 80.3;
@@ -917,18 +918,18 @@ def _gluon_pass2(cfg: dict, dev: torch.device, rnd: int, half: int, d: int, cdt,
 
 
 def _gluon_pass1(cfg: dict, dev: torch.device, d: int, rows: int, cdt, kdt):
-    """The Gluon pass-1 module where it applies (else None): `p1_gluon` on, CUDA sm_80+ (mma.sync,
-    cp.async), 16-bit queries and keys, head dim 64 or 128."""
+    """The Gluon pass-1 module where it applies (else None): `p1_gluon` on, a Hopper GPU (warpgroup
+    MMA: sm_90 only), 16-bit queries and keys, head dim 64 or 128, at most 8 groups of 32 window rows."""
     if not (cfg["p1_gluon"] and dev.type == "cuda" and d in (64, 128) and cdt == kdt
             and kdt in (torch.bfloat16, torch.float16)):
         return None
-    if torch.cuda.get_device_capability(dev) < (8, 0):
+    if torch.cuda.get_device_capability(dev) != (9, 0):
         return None
     try:
         from . import _scoring_gluon_pass1 as g1
     except ImportError:  # a Triton without Gluon
         return None
-    return g1
+    return g1 if rows <= g1.ROWS_PER_GROUP * g1.MAX_GROUPS else None
 
 
 def _next_pow2(x: int) -> int:
@@ -1056,18 +1057,16 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
 
     g1 = _gluon_pass1(cfg, dev, d, rows, cdt, kc.dtype) if _split_len is None else None
     if g1:
-        # interior tiles (every key real, below the bias columns and the pooling edge at P) on
-        # (group, split) programs; the edge tiles on split 0, one program per group of 32 rows
+        # interior tiles (every key real, below the bias columns and the pooling edge at P) on split
+        # programs; the edge tiles on one program per group of 32 rows (split indices 0 .. ng - 1)
         bn1 = g1.KEYS_PER_TILE
         ng1 = cdiv(rows, g1.ROWS_PER_GROUP)
         t_lo = cdiv(half, bn1)
         t_hi = max(t_lo, min(p - half, bias_lo) // bn1)
         n_int = t_hi - t_lo
-        gpp = int(cfg["p1_gluon_groups"])
-        npp = cdiv(ng1, gpp)  # programs per split
-        target = max(1, cfg["p1_gluon_programs_per_sm"] * sms // (pairs * npp))
+        target = max(1, cfg["p1_gluon_programs_per_sm"] * sms // pairs)
         tps1 = max(1, cdiv(n_int, target), min(cfg["p1_gluon_min_tiles"], n_int))
-        nsplit = 1 + cdiv(n_int, tps1)
+        nsplit = ng1 + cdiv(n_int, tps1)
     else:
         bn1 = cfg["p1_bn"]
         if _split_len is None:
@@ -1129,12 +1128,14 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     bs_shift = bs_eff.bit_length() - 1
 
     if g1:
-        fast(g1.window_pass1_gluon)[(npp * nsplit, pairs)](
+        fast(g1.window_pass1_gluon)[(nsplit, pairs)](
             q, kptrs, block_table, part,
             q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
             n, p, w, g, rows, rp, bias_lo, bias_hi, t_lo, t_hi, tps1, nsplit, scale_log2,
             HALF=half, KPOOL=pool_kernel, BD=d, NG=ng1, KDT=_TL[kc.dtype], ALIGNED=aligned, BS_POW2=bs_pow2,
-            OFF32=off32, STAGES=int(cfg["p1_gluon_stages"]), GPP=gpp, num_warps=1, **_maxnreg(cfg["p1_gluon_maxnreg"]),
+            OFF32=off32, STAGES=int(cfg["p1_gluon_stages"]), NPOLY=int(cfg["p1_gluon_npoly"]),
+            AHEAD=bool(cfg["p1_gluon_ahead"]),
+            num_warps=4, **_maxnreg(cfg["p1_gluon_maxnreg"]),
         )
     else:
         fast(_window_pass1)[(nrb, nsplit, pairs)](

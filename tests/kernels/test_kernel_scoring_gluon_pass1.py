@@ -1,11 +1,11 @@
-"""The Gluon pass 1 (`_scoring_gluon_pass1`) == policy.scoring.window_stats, on a GPU.
+"""The Gluon pass 1 (`_scoring_gluon_pass1`) == policy.scoring.window_stats, on a Hopper GPU.
 
-Gluon kernels do not run in Triton's interpreter, so these are GPU tests (where the default settings
-pick it, the other scoring tests on the GPU run through it too). The cases aim at what the kernel
-does differently from the Triton pass 1: one-warp programs of 32 rows (groups that span query heads,
-a padded last group), the interior tiles on (group, split) programs against each row's maximum over
-the split's first tile (not a running one), its exact recomputation when a later key is far above
-that offset, the edge tiles on split 0, and the depth of the key ring.
+Gluon kernels do not run in Triton's interpreter, and this one needs warpgroup MMA (sm_90), so
+these are GPU tests (on an H100/H200 the default settings also route the d = 64 cases of the other
+scoring tests through it). The cases aim at what the kernel does differently from the Triton pass 1:
+the interior tiles on split programs with one offset per group (the first tile's maximum, not a
+running one), its exact recomputation when a later key is far above that offset, the edge tiles on
+one program per group, the polynomial exponentials, and groups of 32 rows that span query heads.
 """
 
 import pytest
@@ -14,37 +14,36 @@ from kernel_testutil import layered_paged_inputs
 from test_kernel_scoring import BF16, FP16, check_layers, override_scoring_config, stats_under_settings
 
 from vllm_defensive.policy import scoring
-from vllm_defensive.triton_kernels import _scoring, _scoring_gluon_pass1
+from vllm_defensive.triton_kernels import _scoring
 
 
-def _gpu() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
 def test_where_the_gluon_pass1_applies():
-    """The selection rule (host code): the setting on, CUDA sm_80+, 16-bit queries = keys, head dim
-    64 or 128."""
+    """The selection rule (host code): the setting on, CUDA on sm_90, 16-bit queries = keys, head
+    dim 64 or 128, at most 256 window rows a KV head."""
     cpu = torch.device("cpu")
     on = {**_scoring._cfg(64), "p1_gluon": 1}
     pick = _scoring._gluon_pass1
     assert pick(on, cpu, 64, 224, BF16, BF16) is None  # the interpreter runs the Triton kernel
     assert pick({**on, "p1_gluon": 0}, cpu, 64, 224, BF16, BF16) is None
-    if not _gpu():
+    if not _hopper():
         return
     cuda = torch.device("cuda")
     assert pick(on, cuda, 64, 224, BF16, BF16) is not None
     assert pick(on, cuda, 128, 256, FP16, FP16) is not None
     assert pick({**on, "p1_gluon": 0}, cuda, 64, 224, BF16, BF16) is None
-    assert pick(on, cuda, 64, 288, BF16, BF16) is not None  # nine groups of 32 rows
+    assert pick(on, cuda, 64, 288, BF16, BF16) is None  # nine groups of 32 rows
     assert pick(on, cuda, 96, 224, BF16, BF16) is None
     assert pick(on, cuda, 64, 224, torch.float32, BF16) is None
     assert pick(on, cuda, 64, 224, torch.float32, torch.float32) is None
 
 
-def _run(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fix_bias, layers=1, seed=0,
+def _run(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fix_bias, npoly=1, layers=1, seed=0,
          low_tile=None, **settings):
-    override_scoring_config(monkeypatch, p1_gluon=1, **settings)
-    bn = _scoring_gluon_pass1.KEYS_PER_TILE
+    override_scoring_config(monkeypatch, p1_gluon=1, p1_gluon_npoly=npoly, **settings)
     gen = torch.Generator().manual_seed(seed)
     dev = torch.device("cuda")
 
@@ -53,7 +52,7 @@ def _run(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fi
         v = torch.randn(d, generator=gen)
         v = (v / v.norm() * d ** 0.5).to(dev)
         k = k.clone()
-        k[:, tile * bn:(tile + 1) * bn] = (-size * v).to(dtype)
+        k[:, tile * 64:(tile + 1) * 64] = (-size * v).to(dtype)
         return (q.float() * 0.1 + v).to(dtype), k
 
     qs, caches, keys, table = layered_paged_inputs(hq, hkv, w, n, d, dtype, dev, gen, bs, layout, layers,
@@ -65,49 +64,47 @@ def _run(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fi
 
 
 CASES = [
-    # hq, hkv, d, bs, n, w, dtype, probs, pool, layout, fix_bias
-    pytest.param(14, 2, 64, 16, 4099, 32, BF16, BF16, 5, "NHD", False, id="qwen-4k"),
-    pytest.param(14, 2, 64, 16, 4099, 32, BF16, BF16, 5, "HND", False, id="qwen-4k-hnd"),
-    pytest.param(14, 2, 64, 32, 2053, 32, FP16, FP16, 5, "FA", True, id="qwen-fp16-fixbias"),
-    pytest.param(14, 2, 64, 16, 2053, 32, BF16, None, 5, "NHD", False, id="qwen-fp32-probs"),
-    pytest.param(7, 1, 64, 16, 100, 32, BF16, BF16, 5, "NHD", False, id="no-interior-tile"),
-    pytest.param(7, 1, 64, 16, 33, 32, BF16, BF16, 5, "NHD", False, id="P1"),
-    pytest.param(4, 1, 64, 16, 32 * 9 + 8, 8, BF16, BF16, 1, "NHD", False, id="no-pooling-tile0-interior"),
-    pytest.param(4, 2, 64, 16, 1600, 8, BF16, BF16, 17, "NHD", False, id="pool17-group-spans-heads"),
-    pytest.param(6, 2, 64, 24, 1500, 16, BF16, BF16, 5, "NHD", False, id="block24-rows48-padded-group"),
-    pytest.param(32, 8, 128, 16, 3000, 32, BF16, BF16, 5, "FA", False, id="llama-d128"),
-    pytest.param(8, 1, 128, 64, 5000, 32, FP16, FP16, 5, "NHD", False, id="d128-eight-groups-fp16"),
-    pytest.param(9, 1, 64, 16, 3000, 32, BF16, BF16, 5, "NHD", False, id="nine-groups"),
+    # hq, hkv, d, bs, n, w, dtype, probs, pool, layout, fix_bias, npoly
+    pytest.param(14, 2, 64, 16, 4099, 32, BF16, BF16, 5, "NHD", False, 1, id="qwen-4k"),
+    pytest.param(14, 2, 64, 16, 4099, 32, BF16, BF16, 5, "NHD", False, 0, id="qwen-4k-no-poly"),
+    pytest.param(14, 2, 64, 16, 4099, 32, BF16, BF16, 5, "HND", False, 7, id="qwen-4k-all-poly"),
+    pytest.param(14, 2, 64, 32, 2053, 32, FP16, FP16, 5, "FA", True, 1, id="qwen-fp16-fixbias"),
+    pytest.param(14, 2, 64, 16, 2053, 32, BF16, None, 5, "NHD", False, 1, id="qwen-fp32-probs"),
+    pytest.param(7, 1, 64, 16, 100, 32, BF16, BF16, 5, "NHD", False, 1, id="no-interior-tile"),
+    pytest.param(7, 1, 64, 16, 33, 32, BF16, BF16, 5, "NHD", False, 1, id="P1"),
+    pytest.param(4, 1, 64, 16, 64 * 9 + 8, 8, BF16, BF16, 1, "NHD", False, 1, id="no-pooling-tile0-interior"),
+    pytest.param(4, 2, 64, 16, 1600, 8, BF16, BF16, 17, "NHD", False, 1, id="pool17-group-spans-heads"),
+    pytest.param(6, 2, 64, 24, 1500, 16, BF16, BF16, 5, "NHD", False, 1, id="block24-rows48-padded-group"),
+    pytest.param(32, 8, 128, 16, 3000, 32, BF16, BF16, 5, "FA", False, 1, id="llama-d128"),
+    pytest.param(8, 1, 128, 64, 5000, 32, FP16, FP16, 5, "NHD", False, 2, id="d128-eight-groups-fp16"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu(), reason="Gluon pass 1: CUDA sm_80+")
-@pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,pool,layout,fix_bias", CASES)
-def test_gluon_pass1_matches_reference(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fix_bias):
-    _run(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fix_bias, seed=n + hq)
+@pytest.mark.skipif(not _hopper(), reason="warpgroup MMA: sm_90")
+@pytest.mark.parametrize("hq,hkv,d,bs,n,w,dtype,probs_dtype,pool,layout,fix_bias,npoly", CASES)
+def test_gluon_pass1_matches_reference(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fix_bias,
+                                       npoly):
+    _run(monkeypatch, hq, hkv, d, bs, n, w, dtype, probs_dtype, pool, layout, fix_bias, npoly, seed=n + hq)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu(), reason="Gluon pass 1: CUDA sm_80+")
-@pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("stages", [2, 4])
-@pytest.mark.parametrize("case", ["qwen-4k", "llama-d128", "block24-rows48-padded-group", "pool17-group-spans-heads"])
-def test_gluon_pass1_ring_depth_and_groups(monkeypatch, case, stages, groups):
-    """Two and four key tiles in the ring (the default is three), one or two groups of 32 rows a
-    program (7, 4, 2 and 1 groups: with two, a last program of one), with splits of one tile (many
-    programs) and of the whole interior (one a program)."""
+@pytest.mark.skipif(not _hopper(), reason="warpgroup MMA: sm_90")
+@pytest.mark.parametrize("ahead", [0, 1])
+@pytest.mark.parametrize("case", ["qwen-4k", "llama-d128", "block24-rows48-padded-group", "pool17-group-spans-heads",
+                                  "d128-eight-groups-fp16"])
+def test_gluon_pass1_next_product_in_flight(monkeypatch, case, ahead):
+    """The next group's product issued before a group's exponentials (`p1_gluon_ahead`) or after:
+    7, 4, 2, 1 and 8 groups of rows."""
     c = next(p.values for p in CASES if p.id == case)
-    for per_sm in (100000, 1):
-        _run(monkeypatch, *c, seed=c[4] + c[0], p1_gluon_stages=stages, p1_gluon_programs_per_sm=per_sm,
-             p1_gluon_min_tiles=1, p1_gluon_groups=groups)
+    _run(monkeypatch, *c, seed=c[4] + c[0], p1_gluon_ahead=ahead)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu(), reason="Gluon pass 1: CUDA sm_80+")
+@pytest.mark.skipif(not _hopper(), reason="warpgroup MMA: sm_90")
 @pytest.mark.parametrize("size", [6.0, 9.0, 30.0])
 def test_gluon_pass1_first_tile_far_below_the_rest(monkeypatch, size):
-    """The first tile of a split (tile 1: split 1's first of eight tiles) about 11.5 x size octaves below
+    """The first tile of a split (tile 1: split 0 of eight tiles) about 11.5 x size octaves below
     every query's other scores: its maximum, the split's offset, is that far below the rest. ~70
     octaves (size 6): the fast path holds (its sums stay below 2^100); ~105 (9: sums past 2^100) and
     ~345 (30: exp2 overflows) the split is recomputed with running maxima. Either way the scores are
@@ -118,13 +115,13 @@ def test_gluon_pass1_first_tile_far_below_the_rest(monkeypatch, size):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu(), reason="Gluon pass 1: CUDA sm_80+")
+@pytest.mark.skipif(not _hopper(), reason="warpgroup MMA: sm_90")
 def test_gluon_pass1_layers(monkeypatch):
     _run(monkeypatch, 14, 2, 64, 16, 3001, 32, BF16, BF16, 5, "NHD", False, layers=3, seed=3)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu(), reason="Gluon pass 1: CUDA sm_80+")
+@pytest.mark.skipif(not _hopper(), reason="warpgroup MMA: sm_90")
 @pytest.mark.parametrize("n", [32768, 131072])
 def test_gluon_pass1_real_sizes(monkeypatch, n):
     _run(monkeypatch, 14, 2, 64, 16, n, 32, BF16, BF16, 5, "NHD", False, seed=n)
@@ -132,7 +129,7 @@ def test_gluon_pass1_real_sizes(monkeypatch, n):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu(), reason="Gluon pass 1: CUDA sm_80+")
+@pytest.mark.skipif(not _hopper(), reason="warpgroup MMA: sm_90")
 @pytest.mark.parametrize("d,hq,hkv", [(64, 14, 2), (128, 32, 8)])
 def test_gluon_and_triton_pass1_agree(monkeypatch, d, hq, hkv):
     """The two pass-1 kernels on the same inputs: the same scores up to fp32 rounding (other

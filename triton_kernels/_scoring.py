@@ -136,7 +136,9 @@ CONFIG = {
     "p2_gluon_movm": 1,
     # pass 1 in Gluon (`_scoring_gluon_pass1`) where it applies (sm_90, 16-bit, <= 256 window rows):
     # off, slower than the Triton kernel so far (H200, Qwen, every layer at 32K: 190 us at the settings
-    # below against 175; benchmarks/results/kernels/h200_2026-12-02h/)
+    # below against 175; benchmarks/results/kernels/h200_2026-12-02h/). One-warp mma.sync programs of
+    # 32 rows, without the Triton kernel's padded rows (224 -> 256 for Qwen), were slower still: 185 us
+    # against 161 (commit b656572, reverted; h200_2026-12-03d/)
     "p1_gluon": 0,
     "p1_gluon_npoly": 0,  # its row groups whose exponentials run on the FMA pipe (a polynomial): 1 was slower
     "p1_gluon_stages": 3,  # key tiles in its shared-memory ring

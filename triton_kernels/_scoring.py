@@ -1111,13 +1111,13 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     # Every part starts 128-byte aligned: Triton specialises pointer arguments on 16-byte alignment,
     # so unpadded parts after a [pairs, P] one made the alignment of the next follow P's parity (a
     # fresh compile inside an engine step for a prompt of the other parity, seen on the GPU).
-    pstride = -(-pairs * p // 32) * 32
+    pstride = cdiv(pairs * p, 32) * 32
     sizes = [pairs * nsplit * 5 * rp, pairs * 4 * rp, pairs * 3 * rp, psize, pairs * p, pairs * p, pairs * p,
              nrb2 * pstride if nrb2 > 1 else 0, nrb2 * pstride, lyr]
     atomic_max = bool(gluon and cfg["p2_gluon_atomic_max"] and nrb2 > 1)
     if atomic_max:
         sizes[8] = pstride
-    padded = [-(-x // 32) * 32 for x in sizes]
+    padded = [cdiv(x, 32) * 32 for x in sizes]
     ws = torch.empty(sum(padded), dtype=torch.float32, device=dev)
     part, rowstats, sums, psums, dmax, snap, unp, unpp, packedp, bias = (
         x[:n_] for x, n_ in zip(ws.split(padded), sizes))

@@ -82,6 +82,13 @@ from ._launch import cdiv, fast
 
 EPS = 1e-12
 MAX_ROWS = 512  # group size x window per KV head: the row index travels in 9 low bits of the max
+# The Gluon pass 2's row blocks add their shares of the unpooled mean into one int64 word per token in
+# units of 2^-62 (`p2_gluon_atomic_unp`): integer addition is order-free, so the atomics give the
+# same bits every run. A share is at most its rows' count / R and the shares of a token add up to
+# at most 1 (= 2^62 units: no overflow); a share of at least 2^-39 converts exactly, so the fixup's
+# one rounding to fp32 gives the correctly rounded sum (below 2^-39 the error is < 2^-62 a share).
+UNP_FIXED_ONE = 2.0 ** 62
+UNP_FIXED_UNIT = tl.constexpr(2.0 ** -62)
 LOG2E = 1.4426950408889634
 MIN_TILES = 8  # pass-2 tiles per program, at least (see window_stats_layers)
 SUMS_TILE = 32  # _window_sums: rows and pass-2 programs per tile, on one warp
@@ -124,11 +131,16 @@ CONFIG = {
     # shared memory 3972)
     "p2_gluon_maxnreg": 168,
     "p2_gluon_stages": 3,  # key tiles in the Gluon pass 2's shared-memory ring
+    # its 32-key tiles per ring step (one wait, barrier and copy issue a step): 2 takes 2 stages
+    "p2_gluon_sub": 1,
     "p2_gluon_q_smem": 0,  # its queries reloaded from shared memory every tile (32 registers fewer)
     # its row blocks' column max merged by integer atomic max into one share (deterministic: max is
     # order-free), so the fixup reads one share of it instead of one per row block (H200, Qwen, every
     # layer at 32K: fixup 34 -> 24 us, pass 2 unchanged; the combine kernel zeroes the share)
     "p2_gluon_atomic_max": 1,
+    # with it, the row blocks' unpooled means added into one share too, as int64 fixed point (exact and
+    # deterministic: UNP_FIXED_ONE above), so the fixup reads one share of those as well
+    "p2_gluon_atomic_unp": 1,
     "p2_gluon_programs_per_sm": 0,  # its programs per SM (0: p2_programs_per_sm)
     # its unpooled column sums' transposed probabilities by movmatrix (eight 8x8 transposes a half
     # tile) instead of an identity product on the tensor cores, 8 of the tile's 64 HMMA (H200, every
@@ -169,7 +181,8 @@ CONFIG_BY_HEAD_DIM: dict[int, dict] = {
           "p2_bn": 32, "p2_maxnreg": 128, "p2_programs_per_sm": 8, "p2_rowsum_mma": 0, "p2_interior_loop": 0,
           "p2_gluon": 1, "p2_gluon_maxnreg": 232, "p2_gluon_programs_per_sm": 48},
     64: {"p1_bn": 64, "p1_maxnreg": 128, "p2_bn": 32, "p2_maxnreg": 128, "br": 128, "p1_warps": 4,
-         "p1_programs_per_sm": 8, "p2_br": 32, "p2_warps": 1, "p2_programs_per_sm": 64, "p2_gluon": 1},
+         "p1_programs_per_sm": 8, "p2_br": 32, "p2_warps": 1, "p2_programs_per_sm": 64, "p2_gluon": 1,
+         "p2_gluon_sub": 2, "p2_gluon_stages": 2},
 }
 
 
@@ -434,11 +447,22 @@ def _p1_tile_fixed(q, K, BT, start, h, dd, dmask, skb, skt, skh, skd, block_size
     return tl.sum(_exp2_mixed(s * scale_log2 - m[:, None], NPOLY, INTERP), 1)
 
 
-@triton.jit(do_not_specialize=_PASS1_LENGTHS)
+@triton.jit
+def _zero_share(ZERO, zero_len, pid, nprogs, BZ: tl.constexpr):
+    """Program pid of nprogs zeroes its slice of ZERO[:zero_len] (int32 words): pass 2's atomic shares,
+    which start at zero. Pass 1 does it (its programs are exp-bound, so the stores come almost free),
+    or the combine behind the Gluon pass 1; never a memset launch."""
+    chunk = tl.cdiv(tl.cdiv(zero_len, nprogs), BZ) * BZ
+    for z0 in range(pid * chunk, tl.minimum((pid + 1) * chunk, zero_len), BZ):
+        z = z0 + tl.arange(0, BZ)
+        tl.store(ZERO + z, tl.zeros([BZ], tl.int32), mask=z < zero_len)
+
+
+@triton.jit(do_not_specialize=_PASS1_LENGTHS + ["zero_len"])
 def _window_pass1(
-    Q, KPTRS, BT, PART,
+    Q, KPTRS, BT, PART, ZERO,
     sqh, sqw, sqd, skb, skt, skh, skd, block_size, bs_shift, HKV,
-    L, P, W, G, R, RP, HEAD_D, bias_lo, bias_hi, split_len, num_splits, scale_log2,
+    L, P, W, G, R, RP, HEAD_D, bias_lo, bias_hi, split_len, num_splits, scale_log2, zero_len,
     HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     CDT: tl.constexpr, KDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BS_POW2: tl.constexpr, OFF32: tl.constexpr, FIXED: tl.constexpr, NPOLY: tl.constexpr,
@@ -446,6 +470,10 @@ def _window_pass1(
     rb = tl.program_id(0)
     sp = tl.program_id(1)
     hg = tl.program_id(2).to(tl.int64)  # (layer, KV head) pair: rows, queries and outputs
+    if zero_len > 0:  # (issued first: the stores drain while the keys stream)
+        nrb = tl.num_programs(0)
+        _zero_share(ZERO, zero_len, (hg.to(tl.int32) * num_splits + sp) * nrb + rb,
+                    nrb * num_splits * tl.num_programs(2), 1024)
     K, h = _layer_keys(KPTRS, hg, HKV, KDT, ALIGNED)  # h: the head within its layer's cache
     r = rb * BR + tl.arange(0, BR)
     rmask = r < R
@@ -524,9 +552,8 @@ def _window_combine(PART, ROW, ZERO, R, RP, num_splits, zero_len, BR: tl.constex
                     BZ: tl.constexpr):
     """Merge the pass-1 splits: [BS splits x BR rows] tiles, so the loads are not a serial chain; the
     five fields of a tile loaded at once and merged online across tiles (one tile for up to BS
-    splits: one round of loads, where a max pass before the sums took two). Also zeroes
-    ZERO[pair, :zero_len] (pass 2's atomic-max share; zero_len 0: nothing), a slice per program,
-    instead of a memset launch."""
+    splits: one round of loads, where a max pass before the sums took two). Behind the Gluon pass 1
+    it also zeroes ZERO[:zero_len], pass 2's atomic shares (zero_len 0: nothing; `_zero_share`)."""
     rb = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     r = rb * BR + tl.arange(0, BR)
@@ -565,10 +592,9 @@ def _window_combine(PART, ROW, ZERO, R, RP, num_splits, zero_len, BR: tl.constex
     tl.store(out + RP + r, inv_l, mask=rmask)
     tl.store(out + 2 * RP + r, c, mask=rmask)
     tl.store(out + 3 * RP + r, l_b * inv_l, mask=rmask)
-    chunk = tl.cdiv(tl.cdiv(zero_len, tl.num_programs(0)), BZ) * BZ
-    for z0 in range(rb * chunk, tl.minimum((rb + 1) * chunk, zero_len), BZ):
-        z = z0 + tl.arange(0, BZ)
-        tl.store(ZERO + h * zero_len + z, tl.zeros([BZ], tl.int32), mask=z < zero_len)
+    if zero_len > 0:
+        _zero_share(ZERO, zero_len, h.to(tl.int32) * tl.num_programs(0) + rb, tl.num_programs(0) * tl.num_programs(1),
+                    BZ)
 
 
 @triton.jit
@@ -850,9 +876,10 @@ def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV
                   bias_src_stride, bias_src_off,
                   HALF: tl.constexpr, KPOOL: tl.constexpr, BN: tl.constexpr, BRB: tl.constexpr,
                   RBITS: tl.constexpr, ROUND: tl.constexpr, DO_FIX: tl.constexpr, INTERP: tl.constexpr,
-                  MERGE: tl.constexpr):
-    """Merges pass 2's row blocks (NRB shares of the unpooled mean, added in row-block order; NRB_MAX of
-    the packed max: 1 where pass 2 merged them itself by atomic max) and finishes: the defensive max
+                  MERGE: tl.constexpr, UNP_FIXED: tl.constexpr):
+    """Merges pass 2's row blocks (NRB shares of the unpooled mean, added in row-block order, or with
+    UNP_FIXED the one int64 share pass 2 summed them into, in units of 2^-62; NRB_MAX of the packed
+    max: 1 where pass 2 merged them itself by atomic max) and finishes: the defensive max
     with the exact rounded-row sums (pooled / (S + eps) * m, as the reference); SnapKV's pooled mean,
     which is the pooled unpooled mean (pooling is linear: done here, off pass 2's hot loop); the
     window bias of each layer: the mean over its (KV head, row)s of their bias-column mass."""
@@ -866,9 +893,12 @@ def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV
         # programs write the same bits to the halo keys they share.
         tw = jt * (BN - 2 * HALF) - HALF + a
         wmask = (tw >= 0) & (tw < P)
-        u = tl.zeros([BN], tl.float32)
-        for b in range(NRB):
-            u += tl.load(UNPP + b * part_stride + h * P + tw, mask=wmask, other=0.0)
+        if UNP_FIXED:  # the exact sum of the shares, rounded once
+            u = tl.load(UNPP + h * P + tw, mask=wmask, other=0).to(tl.float32) * UNP_FIXED_UNIT
+        else:
+            u = tl.zeros([BN], tl.float32)
+            for b in range(NRB):
+                u += tl.load(UNPP + b * part_stride + h * P + tw, mask=wmask, other=0.0)
         tl.store(UNP + h * P + tw, u, mask=wmask)
         tl.debug_barrier()  # this program's stores are visible to all its threads past here
         t = tw
@@ -1102,6 +1132,8 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     if cfg["p2_progs"]:
         progs = int(cfg["p2_progs"])
     tiles_per_prog = cdiv(n_tiles, min(progs, n_tiles))
+    sub = int(cfg["p2_gluon_sub"]) if gluon else 1
+    tiles_per_prog = cdiv(tiles_per_prog, sub) * sub  # a program's run: whole ring steps
     nprog = cdiv(n_tiles, tiles_per_prog)
 
     # one workspace: pass-1 partials | row stats | exact sums | their per-program partials | dmax |
@@ -1115,8 +1147,11 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     sizes = [pairs * nsplit * 5 * rp, pairs * 4 * rp, pairs * 3 * rp, psize, pairs * p, pairs * p, pairs * p,
              nrb2 * pstride if nrb2 > 1 else 0, nrb2 * pstride, lyr]
     atomic_max = bool(gluon and cfg["p2_gluon_atomic_max"] and nrb2 > 1)
+    atomic_unp = atomic_max and bool(cfg["p2_gluon_atomic_unp"])
     if atomic_max:
         sizes[8] = pstride
+    if atomic_unp:
+        sizes[7] = 2 * pstride  # one int64 share
     padded = [cdiv(x, 32) * 32 for x in sizes]
     ws = torch.empty(sum(padded), dtype=torch.float32, device=dev)
     part, rowstats, sums, psums, dmax, snap, unp, unpp, packedp, bias = (
@@ -1124,6 +1159,13 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     packedp = packedp.view(torch.int32)
     if nrb2 == 1:
         unpp = unp
+    elif atomic_unp:
+        unpp = unpp.view(torch.int64)
+    # the atomic shares, which start at zero: the packed max's, after it the unpooled mean's (adjacent)
+    z_end = sum(padded[:9])
+    z_start = z_end - padded[8] - (padded[7] if atomic_unp else 0)
+    zero = ws[z_start:z_end].view(torch.int32) if atomic_max else packedp
+    zero_len = zero.numel() if atomic_max else 0
     kptrs, aligned = base_table(key_caches, dev)
     kstrides = (kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3))
     bs_eff, bs_pow2, off32 = _addressing(kc)
@@ -1141,9 +1183,9 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         )
     else:
         fast(_window_pass1)[(nrb, nsplit, pairs)](
-            q, kptrs, block_table, part,
+            q, kptrs, block_table, part, zero,
             q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
-            n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2,
+            n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2, zero_len,
             HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned,
             DOT_PREC=dot_prec, INTERP=interp, BS_POW2=bs_pow2, OFF32=off32, FIXED=bool(cfg["p1_fixed_offset"]),
             NPOLY=int(cfg["p1_npoly"]) if cfg["p1_fixed_offset"] else 0,
@@ -1154,18 +1196,20 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     # layer's few pairs have hundreds of splits, which 128-row programs merged 16 at a time in a
     # chain of dependent loads (H200, one layer at 32K: 55 us for Qwen's shape, half the call).
     # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range).
-    # (it also zeroes the atomic-max share: values >= 0, whose bits order like them)
+    # (behind the Gluon pass 1 it zeroes the atomic shares; the Triton pass 1 does)
     fast(_window_combine)[(cdiv(rows, COMBINE_ROWS), pairs)](
-        part, rowstats, packedp, rows, rp, nsplit, p if atomic_max else 0,
+        part, rowstats, zero, rows, rp, nsplit, zero_len if g1 else 0,
         BR=COMBINE_ROWS, BS=COMBINE_SPLITS, BZ=1024, num_warps=4)
     if gluon:
         fast(gluon.window_pass2_gluon)[(nrb2 * nprog, pairs)](
             q, kptrs, block_table, rowstats, packedp, unpp, psums,
             q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
-            p, w, g, rows, rp, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi, half,
+            p, w, g, rows, rp, nrb2, pstride, tiles_per_prog, nprog, scale_log2,
+            (UNP_FIXED_ONE if atomic_unp else 1.0) / rows, bias_lo, bias_hi, half,
             HALF=half, KPOOL=pool_kernel, BD=d, RBITS=rbits, PDT=_TL[probs_dtype], KDT=_TL[kc.dtype], ALIGNED=aligned,
             BS_POW2=bs_pow2, OFF32=off32, STAGES=int(cfg["p2_gluon_stages"]), Q_SMEM=bool(cfg["p2_gluon_q_smem"]),
-            ATOMIC_MAX=atomic_max, MOVM=bool(cfg["p2_gluon_movm"]), num_warps=1, **_maxnreg(cfg["p2_gluon_maxnreg"]),
+            ATOMIC_MAX=atomic_max, ATOMIC_UNP=atomic_unp, MOVM=bool(cfg["p2_gluon_movm"]), SUB=sub,
+            num_warps=1, **_maxnreg(cfg["p2_gluon_maxnreg"]),
         )
     else:
         fast(_window_pass2)[(nrb2 * nprog, pairs)](
@@ -1192,6 +1236,6 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         dmax, snap, unp, unpp, packedp, rowstats, sums, bias, p, rows, rp, hkv, nrb2, 1 if atomic_max else nrb2,
         pstride, bias_stride, bias_src[bias_off:],
         HALF=half, KPOOL=pool_kernel, BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd,
-        DO_FIX=exact, INTERP=interp, MERGE=nrb2 > 1, num_warps=int(cfg["fix_warps"]),
+        DO_FIX=exact, INTERP=interp, MERGE=nrb2 > 1, UNP_FIXED=atomic_unp, num_warps=int(cfg["fix_warps"]),
     )
     return WindowStats(dmax.view(lyr, hkv, p), snap.view(lyr, hkv, p), unp.view(lyr, hkv, p), bias)

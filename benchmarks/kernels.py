@@ -973,8 +973,7 @@ def resources():
                      dict(HALF=2, KPOOL=5, BD=d, RBITS=max(1, (rp - 1).bit_length()), PDT=pdt,
                           KDT=tl.bfloat16, ALIGNED=True, BS_POW2=True, OFF32=True, STAGES=int(c["p2_gluon_stages"]),
                           Q_SMEM=bool(c["p2_gluon_q_smem"]), ATOMIC_MAX=bool(c["p2_gluon_atomic_max"]),
-                          ATOMIC_UNP=bool(c["p2_gluon_atomic_max"] and c["p2_gluon_atomic_unp"]),
-                          MOVM=bool(c["p2_gluon_movm"]), SUB=int(c["p2_gluon_sub"])),
+                          MOVM=bool(c["p2_gluon_movm"])),
                      dict(num_warps=1, **_scoring._maxnreg(c["p2_gluon_maxnreg"])),
                      gluon.ROWS_PER_PROGRAM * gluon.KEYS_PER_TILE / 32,
                      f"{name} BR={gluon.ROWS_PER_PROGRAM} BN={gluon.KEYS_PER_TILE} probs {PROBS[rnd]}",
@@ -999,14 +998,12 @@ def resources():
              dict(num_warps=4), label=name)
         comp(_scoring._window_sums, {"PSUMS": "*fp32", "SUMS": "*fp32"},
              dict(BR=_scoring.SUMS_TILE, BP=_scoring.SUMS_TILE), dict(num_warps=1), label=name)
-        merge = br2 < g * WINDOW
-        for rnd, fixed in [(1, False), (2, False), (0, False)] + ([(1, True)] if merge else []):
+        for rnd in (1, 2, 0):
             comp(_scoring._window_fixup, {n: "*fp32" for n in ("DMAX", "SNAP", "UNP", "UNPP", "ROW", "SUMS", "BIAS",
-                                                                "bias_src_off")}
-                 | {"PACKEDP": "*i32", "UNPP": "*i64" if fixed else "*fp32"},
+                                                                "bias_src_off")} | {"PACKEDP": "*i32"},
                  dict(HALF=2, KPOOL=5, BN=256, BRB=min(128, br), RBITS=max(1, (rp - 1).bit_length()), ROUND=rnd,
-                      DO_FIX=rnd > 0, INTERP=False, MERGE=merge, UNP_FIXED=fixed), dict(num_warps=4),
-                 label=f"{name} probs {PROBS[rnd]}{' fixed-point unpooled share' if fixed else ''}")
+                      DO_FIX=rnd > 0, INTERP=False, MERGE=br2 < g * WINDOW), dict(num_warps=4),
+                 label=f"{name} probs {PROBS[rnd]}")
         v = _value_norm.CONFIG
         comp(_value_norm._value_norm_kernel, {"VPTRS": "*i64", "BT": "*i32", "WPTRS": "*i64", "OUT": "*fp32"},
              dict(BTK=v["bt"], BO=v["bo"], BD=d, CDT=tl.bfloat16, VDT=tl.bfloat16, WDT=tl.bfloat16, ALIGNED=True,

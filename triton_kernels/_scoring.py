@@ -34,7 +34,7 @@ pass 2   grid (row blocks x programs, Hkv), each program taking one block of the
          layout (Gluon states layouts; Triton 3.6 moves a transposed operand through shared memory).
          H200, every layer at 32K: Qwen's pass 2 448 -> 382 us, Llama's 1963 -> 1629 us (then 362 for
          Qwen with the row's log-sum folded into the exponent). It merges its row blocks' column max
-         itself, by integer atomic max into one share (`p2_gluon_atomic_max`; the combine zeroes it).
+         itself, by integer atomic max into one share (`p2_gluon_atomic_max`; pass 1 zeroes it).
          The interpreter (CPU) and fp32 probabilities run the Triton kernel.
 fixup    merges the row blocks' shares (max; sums in row-block order), rescales the defensive max
          with the exact rounded-row sums (below), pools the unpooled mean into SnapKV's pooled mean
@@ -82,13 +82,6 @@ from ._launch import cdiv, fast
 
 EPS = 1e-12
 MAX_ROWS = 512  # group size x window per KV head: the row index travels in 9 low bits of the max
-# The Gluon pass 2's row blocks add their shares of the unpooled mean into one int64 word per token in
-# units of 2^-62 (`p2_gluon_atomic_unp`): integer addition is order-free, so the atomics give the
-# same bits every run. A share is at most its rows' count / R and the shares of a token add up to
-# at most 1 (= 2^62 units: no overflow); a share of at least 2^-39 converts exactly, so the fixup's
-# one rounding to fp32 gives the correctly rounded sum (below 2^-39 the error is < 2^-62 a share).
-UNP_FIXED_ONE = 2.0 ** 62
-UNP_FIXED_UNIT = tl.constexpr(2.0 ** -62)
 LOG2E = 1.4426950408889634
 MIN_TILES = 8  # pass-2 tiles per program, at least (see window_stats_layers)
 SUMS_TILE = 32  # _window_sums: rows and pass-2 programs per tile, on one warp
@@ -130,17 +123,20 @@ CONFIG = {
     # 128 spills (+28%); d = 128's queries need 232 (H200, 32K: 1629 us; 128 with the queries in
     # shared memory 3972)
     "p2_gluon_maxnreg": 168,
-    "p2_gluon_stages": 3,  # key tiles in the Gluon pass 2's shared-memory ring
-    # its 32-key tiles per ring step (one wait, barrier and copy issue a step): 2 takes 2 stages
-    "p2_gluon_sub": 1,
-    "p2_gluon_q_smem": 0,  # its queries reloaded from shared memory every tile (32 registers fewer)
+    # key tiles in the Gluon pass 2's shared-memory ring (two 32-key tiles a ring step on two stages:
+    # 5% fewer instructions, pass 2 +17 us; commit 571e6c2)
+    "p2_gluon_stages": 3,
+    # its queries reloaded from shared memory every tile: no fewer registers at 168 (the tile's own values
+    # fill them), and the lower caps it would allow spill: Qwen's pass 2 341 -> 424 us at 144, 531 at 128
+    # (H200, every layer at 32K; h200_2026-12-03e/sweep_q_smem_regcap.json)
+    "p2_gluon_q_smem": 0,
     # its row blocks' column max merged by integer atomic max into one share (deterministic: max is
     # order-free), so the fixup reads one share of it instead of one per row block (H200, Qwen, every
-    # layer at 32K: fixup 34 -> 24 us, pass 2 unchanged; the combine kernel zeroes the share)
+    # layer at 32K: fixup 34 -> 24 us, pass 2 unchanged; pass 1 zeroes the share, the combine 6.7 -> 5.9 us
+    # since it no longer does)
     "p2_gluon_atomic_max": 1,
-    # with it, the row blocks' unpooled means added into one share too, as int64 fixed point (exact and
-    # deterministic: UNP_FIXED_ONE above), so the fixup reads one share of those as well
-    "p2_gluon_atomic_unp": 1,
+    # (the row blocks' unpooled means merged likewise, by int64 fixed-point atomics, were no faster:
+    # the fixup 22.7 -> 13.7 us, pass 2 +11 us; H200, Qwen, every layer at 32K; commit 571e6c2)
     "p2_gluon_programs_per_sm": 0,  # its programs per SM (0: p2_programs_per_sm)
     # its unpooled column sums' transposed probabilities by movmatrix (eight 8x8 transposes a half
     # tile) instead of an identity product on the tensor cores, 8 of the tile's 64 HMMA (H200, every
@@ -181,8 +177,7 @@ CONFIG_BY_HEAD_DIM: dict[int, dict] = {
           "p2_bn": 32, "p2_maxnreg": 128, "p2_programs_per_sm": 8, "p2_rowsum_mma": 0, "p2_interior_loop": 0,
           "p2_gluon": 1, "p2_gluon_maxnreg": 232, "p2_gluon_programs_per_sm": 48},
     64: {"p1_bn": 64, "p1_maxnreg": 128, "p2_bn": 32, "p2_maxnreg": 128, "br": 128, "p1_warps": 4,
-         "p1_programs_per_sm": 8, "p2_br": 32, "p2_warps": 1, "p2_programs_per_sm": 64, "p2_gluon": 1,
-         "p2_gluon_sub": 2, "p2_gluon_stages": 2},
+         "p1_programs_per_sm": 8, "p2_br": 32, "p2_warps": 1, "p2_programs_per_sm": 64, "p2_gluon": 1},
 }
 
 
@@ -449,9 +444,10 @@ def _p1_tile_fixed(q, K, BT, start, h, dd, dmask, skb, skt, skh, skd, block_size
 
 @triton.jit
 def _zero_share(ZERO, zero_len, pid, nprogs, BZ: tl.constexpr):
-    """Program pid of nprogs zeroes its slice of ZERO[:zero_len] (int32 words): pass 2's atomic shares,
-    which start at zero. Pass 1 does it (its programs are exp-bound, so the stores come almost free),
-    or the combine behind the Gluon pass 1; never a memset launch."""
+    """Program pid of nprogs zeroes its slice of ZERO[:zero_len] (int32 words): pass 2's atomic-max
+    share, which starts at zero (values >= 0, whose bits order like them). The Triton pass 1 does it
+    (exp-bound programs: the stores come almost free), the combine behind the Gluon pass 1; no memset
+    launch."""
     chunk = tl.cdiv(tl.cdiv(zero_len, nprogs), BZ) * BZ
     for z0 in range(pid * chunk, tl.minimum((pid + 1) * chunk, zero_len), BZ):
         z = z0 + tl.arange(0, BZ)
@@ -553,7 +549,7 @@ def _window_combine(PART, ROW, ZERO, R, RP, num_splits, zero_len, BR: tl.constex
     """Merge the pass-1 splits: [BS splits x BR rows] tiles, so the loads are not a serial chain; the
     five fields of a tile loaded at once and merged online across tiles (one tile for up to BS
     splits: one round of loads, where a max pass before the sums took two). Behind the Gluon pass 1
-    it also zeroes ZERO[:zero_len], pass 2's atomic shares (zero_len 0: nothing; `_zero_share`)."""
+    it also zeroes ZERO[:zero_len], pass 2's atomic-max share (zero_len 0: nothing; `_zero_share`)."""
     rb = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     r = rb * BR + tl.arange(0, BR)
@@ -876,10 +872,9 @@ def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV
                   bias_src_stride, bias_src_off,
                   HALF: tl.constexpr, KPOOL: tl.constexpr, BN: tl.constexpr, BRB: tl.constexpr,
                   RBITS: tl.constexpr, ROUND: tl.constexpr, DO_FIX: tl.constexpr, INTERP: tl.constexpr,
-                  MERGE: tl.constexpr, UNP_FIXED: tl.constexpr):
-    """Merges pass 2's row blocks (NRB shares of the unpooled mean, added in row-block order, or with
-    UNP_FIXED the one int64 share pass 2 summed them into, in units of 2^-62; NRB_MAX of the packed
-    max: 1 where pass 2 merged them itself by atomic max) and finishes: the defensive max
+                  MERGE: tl.constexpr):
+    """Merges pass 2's row blocks (NRB shares of the unpooled mean, added in row-block order; NRB_MAX of
+    the packed max: 1 where pass 2 merged them itself by atomic max) and finishes: the defensive max
     with the exact rounded-row sums (pooled / (S + eps) * m, as the reference); SnapKV's pooled mean,
     which is the pooled unpooled mean (pooling is linear: done here, off pass 2's hot loop); the
     window bias of each layer: the mean over its (KV head, row)s of their bias-column mass."""
@@ -893,12 +888,9 @@ def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV
         # programs write the same bits to the halo keys they share.
         tw = jt * (BN - 2 * HALF) - HALF + a
         wmask = (tw >= 0) & (tw < P)
-        if UNP_FIXED:  # the exact sum of the shares, rounded once
-            u = tl.load(UNPP + h * P + tw, mask=wmask, other=0).to(tl.float32) * UNP_FIXED_UNIT
-        else:
-            u = tl.zeros([BN], tl.float32)
-            for b in range(NRB):
-                u += tl.load(UNPP + b * part_stride + h * P + tw, mask=wmask, other=0.0)
+        u = tl.zeros([BN], tl.float32)
+        for b in range(NRB):
+            u += tl.load(UNPP + b * part_stride + h * P + tw, mask=wmask, other=0.0)
         tl.store(UNP + h * P + tw, u, mask=wmask)
         tl.debug_barrier()  # this program's stores are visible to all its threads past here
         t = tw
@@ -1132,8 +1124,6 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     if cfg["p2_progs"]:
         progs = int(cfg["p2_progs"])
     tiles_per_prog = cdiv(n_tiles, min(progs, n_tiles))
-    sub = int(cfg["p2_gluon_sub"]) if gluon else 1
-    tiles_per_prog = cdiv(tiles_per_prog, sub) * sub  # a program's run: whole ring steps
     nprog = cdiv(n_tiles, tiles_per_prog)
 
     # one workspace: pass-1 partials | row stats | exact sums | their per-program partials | dmax |
@@ -1147,11 +1137,8 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     sizes = [pairs * nsplit * 5 * rp, pairs * 4 * rp, pairs * 3 * rp, psize, pairs * p, pairs * p, pairs * p,
              nrb2 * pstride if nrb2 > 1 else 0, nrb2 * pstride, lyr]
     atomic_max = bool(gluon and cfg["p2_gluon_atomic_max"] and nrb2 > 1)
-    atomic_unp = atomic_max and bool(cfg["p2_gluon_atomic_unp"])
     if atomic_max:
         sizes[8] = pstride
-    if atomic_unp:
-        sizes[7] = 2 * pstride  # one int64 share
     padded = [cdiv(x, 32) * 32 for x in sizes]
     ws = torch.empty(sum(padded), dtype=torch.float32, device=dev)
     part, rowstats, sums, psums, dmax, snap, unp, unpp, packedp, bias = (
@@ -1159,13 +1146,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     packedp = packedp.view(torch.int32)
     if nrb2 == 1:
         unpp = unp
-    elif atomic_unp:
-        unpp = unpp.view(torch.int64)
-    # the atomic shares, which start at zero: the packed max's, after it the unpooled mean's (adjacent)
-    z_end = sum(padded[:9])
-    z_start = z_end - padded[8] - (padded[7] if atomic_unp else 0)
-    zero = ws[z_start:z_end].view(torch.int32) if atomic_max else packedp
-    zero_len = zero.numel() if atomic_max else 0
+    zero_len = packedp.numel() if atomic_max else 0  # the atomic-max share starts at zero
     kptrs, aligned = base_table(key_caches, dev)
     kstrides = (kc.stride(0), kc.stride(1), kc.stride(2), kc.stride(3))
     bs_eff, bs_pow2, off32 = _addressing(kc)
@@ -1183,7 +1164,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         )
     else:
         fast(_window_pass1)[(nrb, nsplit, pairs)](
-            q, kptrs, block_table, part, zero,
+            q, kptrs, block_table, part, packedp,
             q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
             n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2, zero_len,
             HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned,
@@ -1196,20 +1177,18 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     # layer's few pairs have hundreds of splits, which 128-row programs merged 16 at a time in a
     # chain of dependent loads (H200, one layer at 32K: 55 us for Qwen's shape, half the call).
     # BS does not follow nsplit (a constexpr that did would compile a variant per prompt-length range).
-    # (behind the Gluon pass 1 it zeroes the atomic shares; the Triton pass 1 does)
+    # (behind the Gluon pass 1 it zeroes the atomic-max share; the Triton pass 1 does)
     fast(_window_combine)[(cdiv(rows, COMBINE_ROWS), pairs)](
-        part, rowstats, zero, rows, rp, nsplit, zero_len if g1 else 0,
+        part, rowstats, packedp, rows, rp, nsplit, zero_len if g1 else 0,
         BR=COMBINE_ROWS, BS=COMBINE_SPLITS, BZ=1024, num_warps=4)
     if gluon:
         fast(gluon.window_pass2_gluon)[(nrb2 * nprog, pairs)](
             q, kptrs, block_table, rowstats, packedp, unpp, psums,
             q.stride(0), q.stride(1), q.stride(2), *kstrides, bs_eff, bs_shift, hkv,
-            p, w, g, rows, rp, nrb2, pstride, tiles_per_prog, nprog, scale_log2,
-            (UNP_FIXED_ONE if atomic_unp else 1.0) / rows, bias_lo, bias_hi, half,
+            p, w, g, rows, rp, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi, half,
             HALF=half, KPOOL=pool_kernel, BD=d, RBITS=rbits, PDT=_TL[probs_dtype], KDT=_TL[kc.dtype], ALIGNED=aligned,
             BS_POW2=bs_pow2, OFF32=off32, STAGES=int(cfg["p2_gluon_stages"]), Q_SMEM=bool(cfg["p2_gluon_q_smem"]),
-            ATOMIC_MAX=atomic_max, ATOMIC_UNP=atomic_unp, MOVM=bool(cfg["p2_gluon_movm"]), SUB=sub,
-            num_warps=1, **_maxnreg(cfg["p2_gluon_maxnreg"]),
+            ATOMIC_MAX=atomic_max, MOVM=bool(cfg["p2_gluon_movm"]), num_warps=1, **_maxnreg(cfg["p2_gluon_maxnreg"]),
         )
     else:
         fast(_window_pass2)[(nrb2 * nprog, pairs)](
@@ -1236,6 +1215,6 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         dmax, snap, unp, unpp, packedp, rowstats, sums, bias, p, rows, rp, hkv, nrb2, 1 if atomic_max else nrb2,
         pstride, bias_stride, bias_src[bias_off:],
         HALF=half, KPOOL=pool_kernel, BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd,
-        DO_FIX=exact, INTERP=interp, MERGE=nrb2 > 1, UNP_FIXED=atomic_unp, num_warps=int(cfg["fix_warps"]),
+        DO_FIX=exact, INTERP=interp, MERGE=nrb2 > 1, num_warps=int(cfg["fix_warps"]),
     )
     return WindowStats(dmax.view(lyr, hkv, p), snap.view(lyr, hkv, p), unp.view(lyr, hkv, p), bias)

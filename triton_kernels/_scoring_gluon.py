@@ -48,7 +48,6 @@ AX1 = gl.constexpr(gl.SliceLayout(0, MMA.value))  # along axis 1
 # had every instruction touch 32 lines: L1TEX-bound, pass 2 at 600 us)
 COPY = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [1, 1], [1, 0]))
 KEYS1 = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # a key per lane
-Q_SMEM_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
 KEYS_SMEM = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
 
 
@@ -145,7 +144,7 @@ def _probs_of(s, lse, scale_log2, t, P, PDT: gl.constexpr, EDGE: gl.constexpr):
 def _tile(jt, s_lo, s_hi, lse, c, r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg,
           packed_out, unp_out, band0, band1, eye, ones, sel, x_prev, rs, s_acc,
           HALF: gl.constexpr, KPOOL: gl.constexpr, RBITS: gl.constexpr, PDT: gl.constexpr, EDGE: gl.constexpr,
-          ATOMIC_MAX: gl.constexpr, ATOMIC_UNP: gl.constexpr, MOVM: gl.constexpr):
+          ATOMIC_MAX: gl.constexpr, MOVM: gl.constexpr):
     t0 = jt * BN
     k16 = gl.arange(0, 16, layout=AX1)
     t_lo = t0 + k16
@@ -192,19 +191,12 @@ def _tile(jt, s_lo, s_hi, lse, c, r1, scale_log2, inv_rows, P, bias_lo, bias_hi,
     ku_lo = t0 + o16
     ku_hi = t0 + 16 + o16
     first = c8[None, :] == 0  # every column holds the sums: column 0 is stored
-    m_lo = first
-    m_hi = first
     if EDGE:
-        m_lo = first & (ku_lo < P)[:, None]
-        m_hi = first & (ku_hi < P)[:, None]
-    if ATOMIC_UNP:  # every row block into one share, in fixed point (inv_rows carries the 2^62)
-        gl.atomic_add(unp_out + ku_lo[:, None] + c8[None, :], (u_lo * inv_rows).to(gl.int64), mask=m_lo,
-                      sem="relaxed")
-        gl.atomic_add(unp_out + ku_hi[:, None] + c8[None, :], (u_hi * inv_rows).to(gl.int64), mask=m_hi,
-                      sem="relaxed")
+        gl.store(unp_out + ku_lo[:, None] + c8[None, :], u_lo * inv_rows, mask=first & (ku_lo < P)[:, None])
+        gl.store(unp_out + ku_hi[:, None] + c8[None, :], u_hi * inv_rows, mask=first & (ku_hi < P)[:, None])
     else:
-        gl.store(unp_out + ku_lo[:, None] + c8[None, :], u_lo * inv_rows, mask=m_lo)
-        gl.store(unp_out + ku_hi[:, None] + c8[None, :], u_hi * inv_rows, mask=m_hi)
+        gl.store(unp_out + ku_lo[:, None] + c8[None, :], u_lo * inv_rows, mask=first)
+        gl.store(unp_out + ku_hi[:, None] + c8[None, :], u_hi * inv_rows, mask=first)
 
     # pooled outputs o = t0 - HALF + i: keys o - HALF .. o + HALF span the previous tile's second half
     # and this tile's halves (band1: the block HALF - 16 keys behind the outputs, band0: aligned)
@@ -230,7 +222,7 @@ def _tile(jt, s_lo, s_hi, lse, c, r1, scale_log2, inv_rows, P, bias_lo, bias_hi,
     # max over the rows and its row, in one integer max (see _scoring._p2_rows)
     lo = gl.max((((pr_lo * c[None, :]).to(gl.int32, bitcast=True)) & (-(1 << RBITS))) | r1[None, :], 1)
     hi = gl.max((((pr_hi * c[None, :]).to(gl.int32, bitcast=True)) & (-(1 << RBITS))) | r1[None, :], 1)
-    if ATOMIC_MAX:  # every row block into one share (zeroed by the combine kernel): the fixup reads one, not seven
+    if ATOMIC_MAX:  # every row block into one share (zeroed by pass 1): the fixup reads one, not seven
         if EDGE:
             gl.atomic_max(packed_out + o_lo, lo, mask=v_lo, sem="relaxed")
             gl.atomic_max(packed_out + o_hi, hi, mask=v_hi, sem="relaxed")
@@ -267,43 +259,38 @@ def _finish_rows(rs, c_b0: gl.constexpr, c_b1: gl.constexpr, out, rb, R):
 
 
 @gluon.jit
-def _issue(ring, js, ro, K, dd, skd, P, STAGES: gl.constexpr, SUB: gl.constexpr):
-    """Start the copy of ring step js: its SUB tiles' keys (ro: their offsets, a key per lane)."""
-    t = js * (SUB * BN) + gl.arange(0, SUB * BN, layout=gl.SliceLayout(1, COPY))
+def _issue(ring, jt, ro, K, dd, skd, P, STAGES: gl.constexpr):
+    t = jt * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, COPY))
     ro = gl.convert_layout(ro, gl.SliceLayout(1, COPY))
     ptr = K + ro[:, None] + dd[None, :] * skd
-    async_copy.async_copy_global_to_shared(ring.index(js % STAGES), ptr, mask=(t < P)[:, None])
+    async_copy.async_copy_global_to_shared(ring.index(jt % STAGES), ptr, mask=(t < P)[:, None])
 
 
 @gluon.jit
-def _step(js, js1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c, r1,
+def _step(jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c, r1,
           scale_log2, inv_rows, P, bias_lo, bias_hi, hg, packed_out, unp_out, band0, band1, eye, ones, sel, x_prev, rs,
           s_acc, HALF: gl.constexpr, KPOOL: gl.constexpr, RBITS: gl.constexpr, PDT: gl.constexpr,
           BS_POW2: gl.constexpr, OFF32: gl.constexpr, EDGE: gl.constexpr, STAGES: gl.constexpr,
-          Q_SMEM: gl.constexpr, ATOMIC_MAX: gl.constexpr, ATOMIC_UNP: gl.constexpr, MOVM: gl.constexpr,
-          SUB: gl.constexpr):
-    """One step of the ring (SUB tiles): wait for step js, take its first tile's key fragments, start
-    the copy of step js + STAGES - 1 (its block ids were loaded a step ago), load the next block ids,
-    compute the tiles. (The fragments first: issued after the copies, the shared-memory loads queued
-    behind them and the tile's first product waited on them, a sixth of the stall samples.)"""
-    async_copy.wait_group(STAGES - 2)  # step js has landed (this lane's copies) ...
-    gl.thread_barrier()  # ... everyone's, and the ring slot of step js - 1 is free
-    kbuf = ring.index(js % STAGES)
-    for sub in gl.static_range(SUB):
-        kt_lo = kbuf.slice(sub * BN, 16, dim=0).permute([1, 0]).load(OPB)
-        kt_hi = kbuf.slice(sub * BN + 16, 16, dim=0).permute([1, 0]).load(OPB)
-        if Q_SMEM:
-            q = qs.load(OPA)
-        if sub == 0:
-            nxt = js + STAGES - 1
-            if nxt < js1:
-                _issue(ring, nxt, ro_next, K, dd, skd, P, STAGES, SUB)
-            async_copy.commit_group()
-            ro_next = _row_offsets(BT, (nxt + 1) * (SUB * BN) + tc, P, h, skb, skt, skh, block_size, bs_shift,
-                                   BS_POW2, OFF32)
-        x_prev, rs, s_acc = _tile(js * SUB + sub, _scores(q, kt_lo), _scores(q, kt_hi), lse, c, r1, scale_log2,
-                                  inv_rows, P, bias_lo, bias_hi, hg, packed_out, unp_out, band0, band1, eye, ones,
-                                  sel, x_prev, rs, s_acc, HALF, KPOOL, RBITS, PDT, EDGE, ATOMIC_MAX, ATOMIC_UNP, MOVM)
+          Q_SMEM: gl.constexpr, ATOMIC_MAX: gl.constexpr, MOVM: gl.constexpr):
+    """One tile of the ring: wait for tile jt, take its key fragments, start the copy of tile
+    jt + STAGES - 1 (its block ids were loaded a step ago), load the next block ids, compute tile jt.
+    (The fragments first: issued after the copies, the shared-memory loads queued behind them and
+    the tile's first product waited on them, a sixth of the stall samples.)"""
+    async_copy.wait_group(STAGES - 2)  # tile jt has landed (this lane's copies) ...
+    gl.thread_barrier()  # ... everyone's, and the ring slot of tile jt - 1 is free
+    kbuf = ring.index(jt % STAGES)
+    kt_lo = kbuf.slice(0, 16, dim=0).permute([1, 0]).load(OPB)
+    kt_hi = kbuf.slice(16, 16, dim=0).permute([1, 0]).load(OPB)
+    if Q_SMEM:
+        q = qs.load(OPA)
+    nxt = jt + STAGES - 1
+    if nxt < jt1:
+        _issue(ring, nxt, ro_next, K, dd, skd, P, STAGES)
+    async_copy.commit_group()
+    ro_next = _row_offsets(BT, (nxt + 1) * BN + tc, P, h, skb, skt, skh, block_size, bs_shift, BS_POW2, OFF32)
+    x_prev, rs, s_acc = _tile(jt, _scores(q, kt_lo), _scores(q, kt_hi), lse, c, r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg,
+                              packed_out, unp_out, band0, band1, eye, ones, sel, x_prev, rs, s_acc,
+                              HALF, KPOOL, RBITS, PDT, EDGE, ATOMIC_MAX, MOVM)
     return ro_next, x_prev, rs, s_acc
 
 
@@ -316,7 +303,7 @@ def window_pass2_gluon(
     bias_lo, bias_hi, half_rt,
     HALF: gl.constexpr, KPOOL: gl.constexpr, BD: gl.constexpr, RBITS: gl.constexpr, PDT: gl.constexpr,
     KDT: gl.constexpr, ALIGNED: gl.constexpr, BS_POW2: gl.constexpr, OFF32: gl.constexpr, STAGES: gl.constexpr,
-    Q_SMEM: gl.constexpr, ATOMIC_MAX: gl.constexpr, ATOMIC_UNP: gl.constexpr, MOVM: gl.constexpr, SUB: gl.constexpr,
+    Q_SMEM: gl.constexpr, ATOMIC_MAX: gl.constexpr, MOVM: gl.constexpr,
 ):
     rb = gl.program_id(0) % num_row_blocks
     pid = gl.program_id(0) // num_row_blocks
@@ -344,7 +331,6 @@ def window_pass2_gluon(
     q = gl.load(Q + qh[:, None] * sqh + (rq % W)[:, None] * sqw + dd[None, :] * sqd,
                 mask=(rq < R)[:, None], other=0.0)
     q = q.to(KDT)
-    qs = gl.allocate_shared_memory(KDT, [BR, BD], Q_SMEM_LAYOUT, q)  # (Q_SMEM: reloaded every tile)
     q = gl.convert_layout(q, OPA)
 
     # constant operands: the band blocks (outputs i against keys j of the aligned / previous half),
@@ -362,10 +348,15 @@ def window_pass2_gluon(
     ones = gl.where(rr[:, None] + col[None, :] >= half_rt - HALF, 1.0, 0.0).to(PDT)
     sel = gl.where(col[None, :] == (kk >= 8 + half_rt - HALF).to(gl.int32)[:, None], 1.0, 0.0).to(PDT)
 
-    ring = gl.allocate_shared_memory(KDT, [STAGES, SUB * BN, BD], KEYS_SMEM)  # a ring step: SUB tiles
-    tc = gl.arange(0, SUB * BN, layout=KEYS1)
-    js0 = jt0 // SUB  # (the host makes tiles_per_prog a multiple of SUB)
-    js1 = gl.cdiv(jt1, SUB)  # (a last step past the prompt's last tile computes zeros, masked)
+    # Q_SMEM: the queries reloaded every tile from a slot of the ring's own allocation, past its
+    # STAGES key slots (the copies into that allocation keep the loads in the loop: from an allocation
+    # of their own, the compiler hoisted them out of it, and the registers with them)
+    ring = gl.allocate_shared_memory(KDT, [STAGES + Q_SMEM, BN, BD], KEYS_SMEM)
+    qs = ring
+    if Q_SMEM:
+        qs = ring.index(STAGES)
+        qs.store(gl.convert_layout(q, COPY))
+    tc = gl.arange(0, BN, layout=KEYS1)
 
     # the previous tile's second half: its share of this run's first pooled outputs (none at the start;
     # carried as that product's accumulator: a 16-bit operand carried across iterations was kept
@@ -379,41 +370,41 @@ def window_pass2_gluon(
         pw = _probs(q, kwt, lse, scale_log2, jt0 * BN - 16 + gl.arange(0, 16, layout=AX1), P, PDT, True)
         x_prev = mma_v2(band1, gl.convert_layout(gl.permute(pw, [1, 0]), OPB, assert_trivial=True), x_prev)
 
-    # prologue: steps js0 .. js0 + STAGES - 2 in flight, block ids of the next one loaded
+    # prologue: tiles jt0, jt0 + 1 in flight, block ids of jt0 + 2 loaded
     for s in gl.static_range(STAGES - 1):
-        js = js0 + s
-        if js < js1:
-            ro = _row_offsets(BT, js * (SUB * BN) + tc, P, h, skb, skt, skh, block_size, bs_shift, BS_POW2, OFF32)
-            _issue(ring, js, ro, K, dd, skd, P, STAGES, SUB)
+        jt = jt0 + s
+        if jt < jt1:
+            ro = _row_offsets(BT, jt * BN + tc, P, h, skb, skt, skh, block_size, bs_shift, BS_POW2, OFF32)
+            _issue(ring, jt, ro, K, dd, skd, P, STAGES)
         async_copy.commit_group()
-    ro_next = _row_offsets(BT, (js0 + STAGES - 1) * (SUB * BN) + tc, P, h, skb, skt, skh, block_size, bs_shift,
-                           BS_POW2, OFF32)
+    ro_next = _row_offsets(BT, (jt0 + STAGES - 1) * BN + tc, P, h, skb, skt, skh, block_size, bs_shift, BS_POW2,
+                            OFF32)
 
     rs = gl.zeros([BR, 8], gl.float32, MMA)  # row sums: col 0 of P, col 1 of its bias columns
     # pooled sums per (lane's keys, row), in the layout of the in-thread sum in _tile
     s_acc = gl.sum(gl.reshape(gl.zeros([16, BR], gl.float32, MMA), [2, 8, BR]), 0)
     # this row block's share of the column outputs (of the max: one share for all with ATOMIC_MAX)
     packed_out = PACKED + (0 if ATOMIC_MAX else rb) * part_stride + hg * P
-    unp_out = UNP + (0 if ATOMIC_UNP else rb) * part_stride + hg * P
-    # interior steps: every key real and below the bias columns, every output in [0, P)
+    unp_out = UNP + rb * part_stride + hg * P
+    # interior tiles: every key real and below the bias columns, every output in [0, P)
     lim = gl.minimum(P, bias_lo)
-    j_int0 = gl.minimum(gl.maximum(js0, 1), js1)
-    j_int1 = gl.maximum(gl.minimum(js1, (lim // BN) // SUB), j_int0)
-    for js in range(js0, j_int0):
+    j_int0 = gl.minimum(gl.maximum(jt0, 1), jt1)
+    j_int1 = gl.maximum(gl.minimum(jt1, lim // BN), j_int0)
+    for jt in range(jt0, j_int0):
         ro_next, x_prev, rs, s_acc = _step(
-            js, js1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c,
+            jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c,
             r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg, packed_out, unp_out, band0, band1, eye, ones, sel, x_prev,
-            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, True, STAGES, Q_SMEM, ATOMIC_MAX, ATOMIC_UNP, MOVM, SUB)
-    for js in range(j_int0, j_int1):
+            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, True, STAGES, Q_SMEM, ATOMIC_MAX, MOVM)
+    for jt in range(j_int0, j_int1):
         ro_next, x_prev, rs, s_acc = _step(
-            js, js1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c,
+            jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c,
             r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg, packed_out, unp_out, band0, band1, eye, ones, sel, x_prev,
-            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, False, STAGES, Q_SMEM, ATOMIC_MAX, ATOMIC_UNP, MOVM, SUB)
-    for js in range(j_int1, js1):
+            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, False, STAGES, Q_SMEM, ATOMIC_MAX, MOVM)
+    for jt in range(j_int1, jt1):
         ro_next, x_prev, rs, s_acc = _step(
-            js, js1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c,
+            jt, jt1, ro_next, ring, qs, q, K, BT, h, dd, tc, skb, skt, skh, skd, block_size, bs_shift, lse, c,
             r1, scale_log2, inv_rows, P, bias_lo, bias_hi, hg, packed_out, unp_out, band0, band1, eye, ones, sel, x_prev,
-            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, True, STAGES, Q_SMEM, ATOMIC_MAX, ATOMIC_UNP, MOVM, SUB)
+            rs, s_acc, HALF, KPOOL, RBITS, PDT, BS_POW2, OFF32, True, STAGES, Q_SMEM, ATOMIC_MAX, MOVM)
     async_copy.wait_group(0)
 
     sums = PSUMS + (hg * num_progs + pid) * 3 * RP

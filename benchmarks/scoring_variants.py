@@ -8,8 +8,8 @@ The 2026-12-02b to h and 2026-12-03 records (results/kernels/h200_2026-12-02b/sw
 h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/ to h200_2026-12-02h/ and
 h200_2026-12-03/sweep_*.json, h200_2026-12-03b/, h200_2026-12-03c/) came from this script with the
 VARIANTS of that pass (the set below: the Gluon pass 2's program counts, the fixup's tile;
-h200_2026-12-03d/ ran the VARIANTS of commit b656572, whose kernel was reverted); edit VARIANTS for
-the next one.
+h200_2026-12-03d/ ran the VARIANTS of commit b656572, whose kernel was reverted; h200_2026-12-03e/ those
+listed below); edit VARIANTS for the next one.
 --check adds each one's largest relative error against the reference."""
 import argparse
 import json
@@ -24,11 +24,12 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    # more resident one-warp programs: the queries reloaded from shared memory every tile (a ring slot
-    # of their own) at lower register caps (144: 14 warps an SM, 128: 16, against 12 at 168)
-    "qwen05b": [{}, {"p2_gluon_q_smem": 1, "p2_gluon_maxnreg": 144}, {"p2_gluon_q_smem": 1, "p2_gluon_maxnreg": 128},
-                {"p2_gluon_q_smem": 1, "p2_gluon_maxnreg": 136}, {"p2_gluon_maxnreg": 144}, {}],
-    "llama8b": [{}],
+    # the defaults alone, twice (the final timing of 2026-12-03e); that pass's sweeps ran the m16n8k8 band
+    # products (branch wip/pass2-k8-band), the fixed-point unpooled share and two-tile ring steps
+    # (commit 571e6c2), and the queries from shared memory at the register caps {"p2_gluon_q_smem": 1,
+    # "p2_gluon_maxnreg": 144 | 136 | 128} and {"p2_gluon_maxnreg": 144}
+    "qwen05b": [{}, {}],
+    "llama8b": [{}, {}],
 }
 
 

@@ -446,8 +446,8 @@ def _p1_tile_fixed(q, K, BT, start, h, dd, dmask, skb, skt, skh, skd, block_size
 def _zero_share(ZERO, zero_len, pid, nprogs, BZ: tl.constexpr):
     """Program pid of nprogs zeroes its slice of ZERO[:zero_len] (int32 words): pass 2's atomic-max
     share, which starts at zero (values >= 0, whose bits order like them). The Triton pass 1 does it
-    (exp-bound programs: the stores come almost free), the combine behind the Gluon pass 1; no memset
-    launch."""
+    (compute-bound programs, whose DRAM is idle: the stores come almost free), the combine behind the
+    Gluon pass 1; no memset launch."""
     chunk = tl.cdiv(tl.cdiv(zero_len, nprogs), BZ) * BZ
     for z0 in range(pid * chunk, tl.minimum((pid + 1) * chunk, zero_len), BZ):
         z = z0 + tl.arange(0, BZ)

@@ -222,7 +222,7 @@ def _tile(jt, s_lo, s_hi, lse, c, r1, scale_log2, inv_rows, P, bias_lo, bias_hi,
     # max over the rows and its row, in one integer max (see _scoring._p2_rows)
     lo = gl.max((((pr_lo * c[None, :]).to(gl.int32, bitcast=True)) & (-(1 << RBITS))) | r1[None, :], 1)
     hi = gl.max((((pr_hi * c[None, :]).to(gl.int32, bitcast=True)) & (-(1 << RBITS))) | r1[None, :], 1)
-    if ATOMIC_MAX:  # every row block into one share (zeroed by pass 1): the fixup reads one, not seven
+    if ATOMIC_MAX:  # every row block into one share (zeroed first, `_scoring._zero_share`): the fixup reads one
         if EDGE:
             gl.atomic_max(packed_out + o_lo, lo, mask=v_lo, sem="relaxed")
             gl.atomic_max(packed_out + o_hi, hi, mask=v_hi, sem="relaxed")

@@ -994,7 +994,7 @@ def resources():
                  source=GluonASTSource, largest=True)
         # the small kernels around the passes: compiled too (a GPU-only compile error shows here)
         comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32", "ZERO": "*i32"},
-             dict(BR=_scoring.COMBINE_ROWS, BS=_scoring.COMBINE_SPLITS, BZ=1024),
+             dict(BR=_scoring.COMBINE_ROWS, BS=_scoring.COMBINE_SPLITS, BZ=_scoring.ZERO_TILE),
              dict(num_warps=4), label=name)
         comp(_scoring._window_sums, {"PSUMS": "*fp32", "SUMS": "*fp32"},
              dict(BR=_scoring.SUMS_TILE, BP=_scoring.SUMS_TILE), dict(num_warps=1), label=name)

@@ -86,6 +86,8 @@ LOG2E = 1.4426950408889634
 MIN_TILES = 8  # pass-2 tiles per program, at least (see window_stats_layers)
 SUMS_TILE = 32  # _window_sums: rows and pass-2 programs per tile, on one warp
 COMBINE_ROWS, COMBINE_SPLITS = 16, 128  # _window_combine: rows per program, pass-1 splits per tile
+ZERO_TILE = 1024  # _zero_share's words a store (in pass 1 and the combine)
+_ZERO_TILE = tl.constexpr(ZERO_TILE)  # (as constexpr: the jit functions read module globals only in that form)
 
 # Tunables (the benchmark sweeps some; tests override split_len to exercise the split merge).
 CONFIG = {
@@ -469,7 +471,7 @@ def _window_pass1(
     if zero_len > 0:  # (issued first: the stores drain while the keys stream)
         nrb = tl.num_programs(0)
         _zero_share(ZERO, zero_len, (hg.to(tl.int32) * num_splits + sp) * nrb + rb,
-                    nrb * num_splits * tl.num_programs(2), 1024)
+                    nrb * num_splits * tl.num_programs(2), _ZERO_TILE)
     K, h = _layer_keys(KPTRS, hg, HKV, KDT, ALIGNED)  # h: the head within its layer's cache
     r = rb * BR + tl.arange(0, BR)
     rmask = r < R
@@ -1180,7 +1182,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     # (behind the Gluon pass 1 it zeroes the atomic-max share; the Triton pass 1 does)
     fast(_window_combine)[(cdiv(rows, COMBINE_ROWS), pairs)](
         part, rowstats, packedp, rows, rp, nsplit, zero_len if g1 else 0,
-        BR=COMBINE_ROWS, BS=COMBINE_SPLITS, BZ=1024, num_warps=4)
+        BR=COMBINE_ROWS, BS=COMBINE_SPLITS, BZ=ZERO_TILE, num_warps=4)
     if gluon:
         fast(gluon.window_pass2_gluon)[(nrb2 * nprog, pairs)](
             q, kptrs, block_table, rowstats, packedp, unpp, psums,

@@ -187,6 +187,8 @@ def _cfg(d: int) -> dict:
     c = dict(CONFIG)
     c.update(CONFIG_BY_HEAD_DIM.get(d, {}))
     return c
+
+
 @triton.jit
 def _load_key_tile(K, BT, t, tmask, h, dd, dmask, skb, skt, skh, skd, block_size, bs_shift,
                    BS_POW2: tl.constexpr, OFF32: tl.constexpr):

@@ -948,7 +948,8 @@ def resources():
                       INTERP=False, BS_POW2=True, OFF32=True)
         w1 = _scoring._p1_warps(br, c)
         comp(_scoring._window_pass1, dict(ptrs, PART="*fp32", ZERO="*i32"),
-             dict(common, BN=c["p1_bn"], FIXED=bool(c["p1_fixed_offset"]), NPOLY=int(c["p1_npoly"])),
+             dict(common, BN=c["p1_bn"], FIXED=bool(c["p1_fixed_offset"]), NPOLY=int(c["p1_npoly"]),
+                  PDL=int(c["pdl"])),
              dict(num_warps=w1, num_stages=c["p1_stages"], **_scoring._maxnreg(c["p1_maxnreg"])),
              br * c["p1_bn"] / (32 * w1), f"{name} BR={br} BN={c['p1_bn']}")
         tb2 = int(c["p2_br"]) or br  # the Triton pass 2's row block (CPU, fp32 probabilities, or p2_gluon off)
@@ -973,7 +974,7 @@ def resources():
                      dict(HALF=2, KPOOL=5, BD=d, RBITS=max(1, (rp - 1).bit_length()), PDT=pdt,
                           KDT=tl.bfloat16, ALIGNED=True, BS_POW2=True, OFF32=True, STAGES=int(c["p2_gluon_stages"]),
                           Q_SMEM=bool(c["p2_gluon_q_smem"]), ATOMIC_MAX=bool(c["p2_gluon_atomic_max"]),
-                          MOVM=bool(c["p2_gluon_movm"])),
+                          MOVM=bool(c["p2_gluon_movm"]), PDL=int(c["pdl"])),
                      dict(num_warps=1, **_scoring._maxnreg(c["p2_gluon_maxnreg"])),
                      gluon.ROWS_PER_PROGRAM * gluon.KEYS_PER_TILE / 32,
                      f"{name} BR={gluon.ROWS_PER_PROGRAM} BN={gluon.KEYS_PER_TILE} probs {PROBS[rnd]}",
@@ -994,15 +995,15 @@ def resources():
                  source=GluonASTSource, largest=True)
         # the small kernels around the passes: compiled too (a GPU-only compile error shows here)
         comp(_scoring._window_combine, {"PART": "*fp32", "ROW": "*fp32", "ZERO": "*i32"},
-             dict(BR=_scoring.COMBINE_ROWS, BS=_scoring.COMBINE_SPLITS, BZ=_scoring.ZERO_TILE),
+             dict(BR=_scoring.COMBINE_ROWS, BS=_scoring.COMBINE_SPLITS, BZ=_scoring.ZERO_TILE, PDL=int(c["pdl"])),
              dict(num_warps=4), label=name)
         comp(_scoring._window_sums, {"PSUMS": "*fp32", "SUMS": "*fp32"},
-             dict(BR=_scoring.SUMS_TILE, BP=_scoring.SUMS_TILE), dict(num_warps=1), label=name)
+             dict(BR=_scoring.SUMS_TILE, BP=_scoring.SUMS_TILE, PDL=int(c["pdl"])), dict(num_warps=1), label=name)
         for rnd in (1, 2, 0):
             comp(_scoring._window_fixup, {n: "*fp32" for n in ("DMAX", "SNAP", "UNP", "UNPP", "ROW", "SUMS", "BIAS",
                                                                 "bias_src_off")} | {"PACKEDP": "*i32"},
                  dict(HALF=2, KPOOL=5, BN=256, BRB=min(128, br), RBITS=max(1, (rp - 1).bit_length()), ROUND=rnd,
-                      DO_FIX=rnd > 0, INTERP=False, MERGE=br2 < g * WINDOW), dict(num_warps=4),
+                      DO_FIX=rnd > 0, INTERP=False, MERGE=br2 < g * WINDOW, PDL=int(c["pdl"])), dict(num_warps=4),
                  label=f"{name} probs {PROBS[rnd]}")
         v = _value_norm.CONFIG
         comp(_value_norm._value_norm_kernel, {"VPTRS": "*i64", "BT": "*i32", "WPTRS": "*i64", "OUT": "*fp32"},

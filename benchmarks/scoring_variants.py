@@ -24,13 +24,14 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    # the defaults. The 2026-12-03e sweeps ran the m16n8k8 band products (branch wip/pass2-k8-band), the
-    # fixed-point unpooled share and two-tile ring steps (commit 571e6c2), the queries from shared memory
-    # at the register caps {"p2_gluon_q_smem": 1, "p2_gluon_maxnreg": 144 | 136 | 128} and
-    # {"p2_gluon_maxnreg": 144}, the defaults alone (sweep_final.json), and the fixup over the pairs in
-    # reverse launch order ({"fix_reversed": 1} against 0; a four-line change, not kept: slower)
-    "qwen05b": [{}, {}],
-    "llama8b": [{}, {}],
+    # the defaults against programmatic dependent launch off ({"pdl": 0}), interleaved. The 2026-12-03e
+    # sweeps ran the m16n8k8 band products (branch wip/pass2-k8-band), the fixed-point unpooled share and
+    # two-tile ring steps (commit 571e6c2), the queries from shared memory at the register caps
+    # {"p2_gluon_q_smem": 1, "p2_gluon_maxnreg": 144 | 136 | 128} and {"p2_gluon_maxnreg": 144}, the
+    # defaults alone (sweep_final.json), and the fixup over the pairs in reverse launch order
+    # ({"fix_reversed": 1} against 0; a four-line change, not kept: slower)
+    "qwen05b": [{}, {"pdl": 0}, {"pdl": 2}] * 4,
+    "llama8b": [{}, {"pdl": 0}, {"pdl": 2}] * 3,
 }
 
 

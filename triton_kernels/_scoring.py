@@ -159,6 +159,11 @@ CONFIG = {
     # the fixup's keys per program (with several row blocks: its window, outputs 2 * halo fewer) and warps
     # (H200, every layer at 32K, against 256 on 4: Qwen 23.6 -> 22.5 us, Llama 89.7 -> 80.3;
     # h200_2026-12-03c/sweep_programs_fixup.json)
+    # programmatic dependent launch of the kernels after pass 1 (sm_90+; see _pdl_wait): 1 with each
+    # kernel letting its dependant launch once its own programs have all started, 2 at its end, 0 off
+    # (H200, every layer at 32K, four interleaved runs each: Qwen 0.538 ms at 1 against 0.545 at 0 and
+    # 0.546 at 2; Llama 2.43 / 2.51 / 2.42 ms, within its run-to-run spread; h200_2026-12-04/)
+    "pdl": 1,
     "fix_bn": 1024,
     "fix_warps": 8,
 }
@@ -446,6 +451,25 @@ def _p1_tile_fixed(q, K, BT, start, h, dd, dmask, skb, skt, skh, skd, block_size
     return tl.sum(_exp2_mixed(s * scale_log2 - m[:, None], NPOLY, INTERP), 1)
 
 
+# Programmatic dependent launch (sm_90+, `pdl`): each kernel after pass 1 is launched while its
+# predecessor runs (`launch_pdl`), its programs resident and waiting at `_pdl_wait` (griddepcontrol.wait:
+# until the predecessor has finished and its writes are visible) before they read what it wrote; each
+# kernel lets its dependant launch once all its own programs have started (`_pdl_launch`). What a
+# program does before the wait only reads the call's inputs. Pass 1 waits for nothing: it is the
+# first, and the workspace may reuse the memory of a previous call's that a kernel still reads.
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    if PDL > 0:
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _pdl_launch(PDL: tl.constexpr):
+    if PDL == 1:
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
 @triton.jit
 def _zero_share(ZERO, zero_len, pid, nprogs, BZ: tl.constexpr):
     """Program pid of nprogs zeroes its slice of ZERO[:zero_len] (int32 words): pass 2's atomic-max
@@ -465,8 +489,9 @@ def _window_pass1(
     L, P, W, G, R, RP, HEAD_D, bias_lo, bias_hi, split_len, num_splits, scale_log2, zero_len,
     HALF: tl.constexpr, KPOOL: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     CDT: tl.constexpr, KDT: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-    BS_POW2: tl.constexpr, OFF32: tl.constexpr, FIXED: tl.constexpr, NPOLY: tl.constexpr,
+    BS_POW2: tl.constexpr, OFF32: tl.constexpr, FIXED: tl.constexpr, NPOLY: tl.constexpr, PDL: tl.constexpr = 0,
 ):
+    _pdl_launch(PDL)
     rb = tl.program_id(0)
     sp = tl.program_id(1)
     hg = tl.program_id(2).to(tl.int64)  # (layer, KV head) pair: rows, queries and outputs
@@ -549,11 +574,13 @@ def _window_pass1(
 
 @triton.jit(do_not_specialize=["num_splits", "zero_len"])
 def _window_combine(PART, ROW, ZERO, R, RP, num_splits, zero_len, BR: tl.constexpr, BS: tl.constexpr,
-                    BZ: tl.constexpr):
+                    BZ: tl.constexpr, PDL: tl.constexpr = 0):
     """Merge the pass-1 splits: [BS splits x BR rows] tiles, so the loads are not a serial chain; the
     five fields of a tile loaded at once and merged online across tiles (one tile for up to BS
     splits: one round of loads, where a max pass before the sums took two). Behind the Gluon pass 1
     it also zeroes ZERO[:zero_len], pass 2's atomic-max share (zero_len 0: nothing; `_zero_share`)."""
+    _pdl_launch(PDL)
+    _pdl_wait(PDL)
     rb = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     r = rb * BR + tl.arange(0, BR)
@@ -852,11 +879,13 @@ def _window_pass2(
 
 
 @triton.jit(do_not_specialize=["num_progs"])
-def _window_sums(PSUMS, SUMS, R, RP, num_progs, BR: tl.constexpr, BP: tl.constexpr):
+def _window_sums(PSUMS, SUMS, R, RP, num_progs, BR: tl.constexpr, BP: tl.constexpr, PDL: tl.constexpr = 0):
     """Exact row sums: pass 2's per-program partials added in a fixed order (deterministic), one
     program per (rows, pair, sum): [BP programs x BR rows] tiles summed over the programs, the
     tiles in program order. (A loop over one program's partials at a time was a chain of dependent
     loads on few programs: 11.6 us of Qwen's 32K call, now 2.5.)"""
+    _pdl_launch(PDL)
+    _pdl_wait(PDL)
     rb = tl.program_id(0)
     hg = tl.program_id(1).to(tl.int64)
     k = tl.program_id(2)
@@ -876,12 +905,13 @@ def _window_fixup(DMAX, SNAP, UNP, UNPP, PACKEDP, ROW, SUMS, BIAS, P, R, RP, HKV
                   bias_src_stride, bias_src_off,
                   HALF: tl.constexpr, KPOOL: tl.constexpr, BN: tl.constexpr, BRB: tl.constexpr,
                   RBITS: tl.constexpr, ROUND: tl.constexpr, DO_FIX: tl.constexpr, INTERP: tl.constexpr,
-                  MERGE: tl.constexpr):
+                  MERGE: tl.constexpr, PDL: tl.constexpr = 0):
     """Merges pass 2's row blocks (NRB shares of the unpooled mean, added in row-block order; NRB_MAX of
     the packed max: 1 where pass 2 merged them itself by atomic max) and finishes: the defensive max
     with the exact rounded-row sums (pooled / (S + eps) * m, as the reference); SnapKV's pooled mean,
     which is the pooled unpooled mean (pooling is linear: done here, off pass 2's hot loop); the
     window bias of each layer: the mean over its (KV head, row)s of their bias-column mass."""
+    _pdl_wait(PDL)
     jt = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     a = tl.arange(0, BN)
@@ -1007,6 +1037,14 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
 
 
 @functools.lru_cache(maxsize=16)
+def _pdl_capable(device_type: str, index: int | None) -> bool:
+    """Programmatic dependent launch: CUDA on sm_90 or newer (griddepcontrol), not the interpreter."""
+    if device_type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(index if index is not None else torch.cuda.current_device())[0] >= 9
+
+
+@functools.lru_cache(maxsize=16)
 def _num_sms(device_type: str, index: int | None) -> int:
     if device_type == "cuda":
         return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
@@ -1082,6 +1120,8 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     else:
         bias_lo, bias_hi = max(p - w, 0), p
     sms = _num_sms(dev.type, dev.index)
+    pdl = int(cfg["pdl"]) if _pdl_capable(dev.type, dev.index) else 0
+    dep = {"launch_pdl": True} if pdl else {}  # the launch option of the kernels that wait
 
     g1 = _gluon_pass1(cfg, dev, d, rows, cdt, kc.dtype) if _split_len is None else None
     if g1:
@@ -1173,7 +1213,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
             n, p, w, g, rows, rp, d, bias_lo, bias_hi, split_len, nsplit, scale_log2, zero_len,
             HALF=half, KPOOL=pool_kernel, BR=br, BN=bn1, BD=bd, CDT=_TL[cdt], KDT=_TL[kc.dtype], ALIGNED=aligned,
             DOT_PREC=dot_prec, INTERP=interp, BS_POW2=bs_pow2, OFF32=off32, FIXED=bool(cfg["p1_fixed_offset"]),
-            NPOLY=int(cfg["p1_npoly"]) if cfg["p1_fixed_offset"] else 0,
+            NPOLY=int(cfg["p1_npoly"]) if cfg["p1_fixed_offset"] else 0, PDL=pdl,
             num_warps=_p1_warps(br, cfg), num_stages=cfg["p1_stages"],
             **_maxnreg(cfg["p1_maxnreg"]),
         )
@@ -1184,7 +1224,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
     # (behind the Gluon pass 1 it zeroes the atomic-max share; the Triton pass 1 does)
     fast(_window_combine)[(cdiv(rows, COMBINE_ROWS), pairs)](
         part, rowstats, packedp, rows, rp, nsplit, zero_len if g1 else 0,
-        BR=COMBINE_ROWS, BS=COMBINE_SPLITS, BZ=ZERO_TILE, num_warps=4)
+        BR=COMBINE_ROWS, BS=COMBINE_SPLITS, BZ=ZERO_TILE, PDL=pdl, num_warps=4, **dep)
     if gluon:
         fast(gluon.window_pass2_gluon)[(nrb2 * nprog, pairs)](
             q, kptrs, block_table, rowstats, packedp, unpp, psums,
@@ -1192,7 +1232,8 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
             p, w, g, rows, rp, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi, half,
             HALF=half, KPOOL=pool_kernel, BD=d, RBITS=rbits, PDT=_TL[probs_dtype], KDT=_TL[kc.dtype], ALIGNED=aligned,
             BS_POW2=bs_pow2, OFF32=off32, STAGES=int(cfg["p2_gluon_stages"]), Q_SMEM=bool(cfg["p2_gluon_q_smem"]),
-            ATOMIC_MAX=atomic_max, MOVM=bool(cfg["p2_gluon_movm"]), num_warps=1, **_maxnreg(cfg["p2_gluon_maxnreg"]),
+            ATOMIC_MAX=atomic_max, MOVM=bool(cfg["p2_gluon_movm"]), PDL=pdl, num_warps=1,
+            **_maxnreg(cfg["p2_gluon_maxnreg"]), **dep,
         )
     else:
         fast(_window_pass2)[(nrb2 * nprog, pairs)](
@@ -1208,7 +1249,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         )
     if exact:
         fast(_window_sums)[(cdiv(rows, SUMS_TILE), pairs, 3)](
-            psums, sums, rows, rp, nprog, BR=SUMS_TILE, BP=SUMS_TILE, num_warps=1)
+            psums, sums, rows, rp, nprog, BR=SUMS_TILE, BP=SUMS_TILE, PDL=pdl, num_warps=1, **dep)
     if exact and not fix_window_bias:  # exact sum of the rounded probabilities, as the reference
         bias_src, bias_stride, bias_off = sums, 3 * rp, 2 * rp
     else:
@@ -1219,6 +1260,6 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
         dmax, snap, unp, unpp, packedp, rowstats, sums, bias, p, rows, rp, hkv, nrb2, 1 if atomic_max else nrb2,
         pstride, bias_stride, bias_src[bias_off:],
         HALF=half, KPOOL=pool_kernel, BN=fix_bn, BRB=min(128, max(16, _next_pow2(rows))), RBITS=rbits, ROUND=rnd,
-        DO_FIX=exact, INTERP=interp, MERGE=nrb2 > 1, num_warps=int(cfg["fix_warps"]),
+        DO_FIX=exact, INTERP=interp, MERGE=nrb2 > 1, PDL=pdl, num_warps=int(cfg["fix_warps"]), **dep,
     )
     return WindowStats(dmax.view(lyr, hkv, p), snap.view(lyr, hkv, p), unp.view(lyr, hkv, p), bias)

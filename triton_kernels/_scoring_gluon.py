@@ -306,7 +306,7 @@ def window_pass2_gluon(
     bias_lo, bias_hi, half_rt,
     HALF: gl.constexpr, KPOOL: gl.constexpr, BD: gl.constexpr, RBITS: gl.constexpr, PDT: gl.constexpr,
     KDT: gl.constexpr, ALIGNED: gl.constexpr, BS_POW2: gl.constexpr, OFF32: gl.constexpr, STAGES: gl.constexpr,
-    Q_SMEM: gl.constexpr, ATOMIC_MAX: gl.constexpr, MOVM: gl.constexpr,
+    Q_SMEM: gl.constexpr, ATOMIC_MAX: gl.constexpr, MOVM: gl.constexpr, PDL: gl.constexpr = 0,
 ):
     rb = gl.program_id(0) % num_row_blocks
     pid = gl.program_id(0) // num_row_blocks
@@ -319,15 +319,13 @@ def window_pass2_gluon(
     jt0 = pid * tiles_per_prog
     jt1 = gl.minimum(jt0 + tiles_per_prog, n_tiles)
     row = ROW + hg * 4 * RP
+    if PDL == 1:  # (see _scoring._pdl_wait: up to the wait below, this program reads only the call's inputs)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
 
     # rows along axis 0 (the score products) and along axis 1 (the pooled values)
     r0 = rb * BR + gl.arange(0, BR, layout=AX0)
     r1 = rb * BR + gl.arange(0, BR, layout=AX1)
-    mx = gl.load(row + r0, mask=r0 < R, other=0.0)
-    inv_l = gl.load(row + RP + r0, mask=r0 < R, other=0.0)
-    # the rows' log2-sum-exp (in units of the scaled scores): +inf on padded rows, whose p is then 0
-    lse = gl.where(inv_l > 0, mx - gl.log2(inv_l), float("inf"))
-    c = gl.load(row + 2 * RP + r1, mask=r1 < R, other=0.0)
     rq = rb * BR + gl.arange(0, BR, layout=gl.SliceLayout(1, COPY))
     dd = gl.arange(0, BD, layout=gl.SliceLayout(0, COPY))
     qh = (hg * G + rq // W).to(gl.int64)
@@ -361,6 +359,25 @@ def window_pass2_gluon(
         qs.store(gl.convert_layout(q, COPY))
     tc = gl.arange(0, BN, layout=KEYS1)
 
+    # prologue: tiles jt0, jt0 + 1 in flight, block ids of jt0 + 2 loaded
+    for s in gl.static_range(STAGES - 1):
+        jt = jt0 + s
+        if jt < jt1:
+            ro = _row_offsets(BT, jt * BN + tc, P, h, skb, skt, skh, block_size, bs_shift, BS_POW2, OFF32)
+            _issue(ring, jt, ro, K, dd, skd, P, STAGES)
+        async_copy.commit_group()
+    ro_next = _row_offsets(BT, (jt0 + STAGES - 1) * BN + tc, P, h, skb, skt, skh, block_size, bs_shift, BS_POW2,
+                            OFF32)
+
+    # pass 1's row statistics (the combine's output: a dependent launch waits for it here)
+    if PDL > 0:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    mx = gl.load(row + r0, mask=r0 < R, other=0.0)
+    inv_l = gl.load(row + RP + r0, mask=r0 < R, other=0.0)
+    # the rows' log2-sum-exp (in units of the scaled scores): +inf on padded rows, whose p is then 0
+    lse = gl.where(inv_l > 0, mx - gl.log2(inv_l), float("inf"))
+    c = gl.load(row + 2 * RP + r1, mask=r1 < R, other=0.0)
+
     # the previous tile's second half: its share of this run's first pooled outputs (none at the start;
     # carried as that product's accumulator: a 16-bit operand carried across iterations was kept
     # one element per register and repacked at every use)
@@ -372,16 +389,6 @@ def window_pass2_gluon(
         kwt = gl.convert_layout(gl.permute(kw, [1, 0]), OPB)
         pw = _probs(q, kwt, lse, scale_log2, jt0 * BN - 16 + gl.arange(0, 16, layout=AX1), P, PDT, True)
         x_prev = mma_v2(band1, gl.convert_layout(gl.permute(pw, [1, 0]), OPB, assert_trivial=True), x_prev)
-
-    # prologue: tiles jt0, jt0 + 1 in flight, block ids of jt0 + 2 loaded
-    for s in gl.static_range(STAGES - 1):
-        jt = jt0 + s
-        if jt < jt1:
-            ro = _row_offsets(BT, jt * BN + tc, P, h, skb, skt, skh, block_size, bs_shift, BS_POW2, OFF32)
-            _issue(ring, jt, ro, K, dd, skd, P, STAGES)
-        async_copy.commit_group()
-    ro_next = _row_offsets(BT, (jt0 + STAGES - 1) * BN + tc, P, h, skb, skt, skh, block_size, bs_shift, BS_POW2,
-                            OFF32)
 
     rs = gl.zeros([BR, 8], gl.float32, MMA)  # row sums: col 0 of P, col 1 of its bias columns
     # pooled sums per (lane's keys, row), in the layout of the in-thread sum in _tile

@@ -349,3 +349,38 @@ GPU = [
 def test_window_stats_real_sizes(hq, hkv, d, bs, n, w, dtype, probs_dtype, layout):
     run_case(torch.device("cuda"), hq, hkv, d, bs, n, w, dtype, probs_dtype, 5, layout, None, False, seed=n)
     torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,probs_dtype", [((14, 2, 64), BF16), ((32, 8, 128), BF16), ((14, 2, 64), None)])
+def test_dependent_launch_changes_no_bits(monkeypatch, shape, probs_dtype):
+    """Programmatic dependent launch (`pdl` 1: every kernel after pass 1 launched while its predecessor
+    runs, waiting at griddepcontrol.wait before it reads what that one wrote) against plain stream
+    order (0): the same bits. The calls go back to back with no sync between them, so a call's pass 1
+    may write into memory the previous call's workspace held while that call's last kernels ran.
+    (fp32 probabilities: the Triton pass 2, which lets the next kernel launch only at its end.)"""
+    from kernel_testutil import layered_paged_inputs
+
+    from vllm_defensive.triton_kernels import _scoring
+
+    if not _scoring._pdl_capable("cuda", None):
+        pytest.skip("programmatic dependent launch needs sm_90 or newer")
+    hq, hkv, d = shape
+    gen = torch.Generator().manual_seed(41)
+    n = 9000
+    qs, caches, _, table = layered_paged_inputs(hq, hkv, 32, n, d, BF16, torch.device("cuda"), gen, 16, "NHD", 4)
+    q = torch.stack(qs)
+    names = ("defensive_max", "snapkv", "unpooled_mean", "window_bias")
+    runs = {}
+    for pdl in (0, 1):
+        override_scoring_config(monkeypatch, pdl=pdl)
+        outs = []
+        for _ in range(6):  # each call's workspace freed as the next one starts (the allocator reuses it)
+            st = _scoring.window_stats_layers(q, caches, table, n, 5, None, probs_dtype)
+            outs.append([getattr(st, f).clone() for f in names])
+            del st
+        torch.cuda.synchronize()
+        runs[pdl] = outs
+    for out in runs[1]:
+        for name, got, ref in zip(names, out, runs[0][0]):
+            assert torch.equal(got, ref), name

@@ -40,6 +40,9 @@ fixup    merges the row blocks' shares (max; sums in row-block order), rescales 
          with the exact rounded-row sums (below), pools the unpooled mean into SnapKV's pooled mean
          (pooling is linear; in pass 2 it cost 4% of the hot loop) and writes the window bias (mean
          over rows), so no host-side reduction or sync is needed.
+On sm_90+ every kernel after pass 1 is a programmatic dependent launch (`pdl`, `_pdl_wait`): resident
+while its predecessor finishes, waiting for that one's writes (pass 2 does its input-only prologue,
+the queries and the first key copies, first).
 
 Mass-preserving pooling in closed form: with zero padding and count_include_pad, the pooled row
 sums to S = sum_t a_t * cnt(t) / K where cnt(t) = #{outputs j in [0, P) whose window covers t}

@@ -159,14 +159,14 @@ CONFIG = {
     "p1_gluon_maxnreg": 168,  # three programs per SM (without a cap: 255 registers, two; 128 spills)
     "p1_gluon_programs_per_sm": 3,  # its interior splits: programs per SM
     "p1_gluon_min_tiles": 8,  # key tiles per interior split, at least
-    # the fixup's keys per program (with several row blocks: its window, outputs 2 * halo fewer) and warps
-    # (H200, every layer at 32K, against 256 on 4: Qwen 23.6 -> 22.5 us, Llama 89.7 -> 80.3;
-    # h200_2026-12-03c/sweep_programs_fixup.json)
     # programmatic dependent launch of the kernels after pass 1 (sm_90+; see _pdl_wait): 1 with each
     # kernel letting its dependant launch once its own programs have all started, 2 at its end, 0 off
     # (H200, every layer at 32K, four interleaved runs each: Qwen 0.538 ms at 1 against 0.545 at 0 and
     # 0.546 at 2; Llama 2.43 / 2.51 / 2.42 ms, within its run-to-run spread; h200_2026-12-04/)
     "pdl": 1,
+    # the fixup's keys per program (with several row blocks: its window, outputs 2 * halo fewer) and warps
+    # (H200, every layer at 32K, against 256 on 4: Qwen 23.6 -> 22.5 us, Llama 89.7 -> 80.3;
+    # h200_2026-12-03c/sweep_programs_fixup.json)
     "fix_bn": 1024,
     "fix_warps": 8,
 }

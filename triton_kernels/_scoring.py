@@ -460,17 +460,21 @@ def _p1_tile_fixed(q, K, BT, start, h, dd, dmask, skb, skt, skh, skd, block_size
 # kernel lets its dependant launch once all its own programs have started (`_pdl_launch`). What a
 # program does before the wait only reads the call's inputs. Pass 1 waits for nothing: it is the
 # first, and the workspace may reuse the memory of a previous call's that a kernel still reads.
+# (the PTX, shared with the Gluon pass 2's own two helpers)
+PDL_WAIT_ASM = tl.constexpr("griddepcontrol.wait; // $0")
+PDL_LAUNCH_ASM = tl.constexpr("griddepcontrol.launch_dependents; // $0")
+
+
 @triton.jit
 def _pdl_wait(PDL: tl.constexpr):
     if PDL > 0:
-        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise(PDL_WAIT_ASM, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _pdl_launch(PDL: tl.constexpr):
     if PDL == 1:
-        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+        tl.inline_asm_elementwise(PDL_LAUNCH_ASM, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -34,6 +34,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+from ._scoring import PDL_LAUNCH_ASM, PDL_WAIT_ASM
+
 ROWS_PER_PROGRAM = 32  # window rows per program (one warp)
 # (16 rows, offline sm_90 at d = 64: no spills at 128 registers, 16 warps an SM against 12, but its
 # interior loop takes 21.2 instructions an element against 16.3: the copies, fragment loads, band
@@ -52,6 +54,20 @@ AX1 = gl.constexpr(gl.SliceLayout(0, MMA.value))  # along axis 1
 COPY = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [1, 1], [1, 0]))
 KEYS1 = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # a key per lane
 KEYS_SMEM = gl.constexpr(gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
+
+
+@gluon.jit
+def _pdl_wait(PDL: gl.constexpr):
+    """_scoring._pdl_wait in Gluon (a Gluon kernel calls Gluon functions)."""
+    if PDL > 0:
+        gl.inline_asm_elementwise(PDL_WAIT_ASM, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _pdl_launch(PDL: gl.constexpr):
+    """_scoring._pdl_launch in Gluon."""
+    if PDL == 1:
+        gl.inline_asm_elementwise(PDL_LAUNCH_ASM, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -319,9 +335,7 @@ def window_pass2_gluon(
     jt0 = pid * tiles_per_prog
     jt1 = gl.minimum(jt0 + tiles_per_prog, n_tiles)
     row = ROW + hg * 4 * RP
-    if PDL == 1:  # (see _scoring._pdl_wait: up to the wait below, this program reads only the call's inputs)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+    _pdl_launch(PDL)  # (see _scoring._pdl_wait: up to the wait below, this program reads only the call's inputs)
 
     # rows along axis 0 (the score products) and along axis 1 (the pooled values)
     r0 = rb * BR + gl.arange(0, BR, layout=AX0)
@@ -370,8 +384,7 @@ def window_pass2_gluon(
                             OFF32)
 
     # pass 1's row statistics (the combine's output: a dependent launch waits for it here)
-    if PDL > 0:
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    _pdl_wait(PDL)
     mx = gl.load(row + r0, mask=r0 < R, other=0.0)
     inv_l = gl.load(row + RP + r0, mask=r0 < R, other=0.0)
     # the rows' log2-sum-exp (in units of the scaled scores): +inf on padded rows, whose p is then 0

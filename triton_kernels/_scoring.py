@@ -147,6 +147,11 @@ CONFIG = {
     # tile) instead of an identity product on the tensor cores, 8 of the tile's 64 HMMA (H200, every
     # layer at 32K: Qwen's pass 2 366 -> 344 us, Llama's 1592 -> 1500; h200_2026-12-03b/)
     "p2_gluon_movm": 1,
+    # its interior tiles whose copies STAGES - 1 tiles ahead are interior too in a loop of their own,
+    # the copies and block-id loads there without bounds (offline sm_90 SASS, Qwen: 24 instructions a
+    # tile fewer). With the stores' per-tile bases, H200 every layer at 32K: Qwen 0.535 -> 0.514 ms,
+    # of which the loop 19 us; Llama 2.39 -> 2.32 (h200_2026-12-04b/)
+    "p2_gluon_inner": 1,
     # pass 1 in Gluon (`_scoring_gluon_pass1`) where it applies (sm_90, 16-bit, <= 256 window rows):
     # off, slower than the Triton kernel so far (H200, Qwen, every layer at 32K: 190 us at the settings
     # below against 175; benchmarks/results/kernels/h200_2026-12-02h/). One-warp mma.sync programs of
@@ -1239,7 +1244,8 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
             p, w, g, rows, rp, nrb2, pstride, tiles_per_prog, nprog, scale_log2, 1.0 / rows, bias_lo, bias_hi, half,
             HALF=half, KPOOL=pool_kernel, BD=d, RBITS=rbits, PDT=_TL[probs_dtype], KDT=_TL[kc.dtype], ALIGNED=aligned,
             BS_POW2=bs_pow2, OFF32=off32, STAGES=int(cfg["p2_gluon_stages"]), Q_SMEM=bool(cfg["p2_gluon_q_smem"]),
-            ATOMIC_MAX=atomic_max, MOVM=bool(cfg["p2_gluon_movm"]), PDL=pdl, num_warps=1,
+            ATOMIC_MAX=atomic_max, MOVM=bool(cfg["p2_gluon_movm"]), PDL=pdl, INNER=int(cfg["p2_gluon_inner"]),
+            num_warps=1,
             **_maxnreg(cfg["p2_gluon_maxnreg"]), **dep,
         )
     else:

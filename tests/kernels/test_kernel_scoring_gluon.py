@@ -136,3 +136,18 @@ def test_gluon_pass2_queries_from_shared_memory_are_exact(monkeypatch, shape):
                                seed=29)
     for name in ("defensive_max", "snapkv", "unpooled_mean"):
         assert torch.equal(getattr(out[1], name), getattr(out[0], name)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(14, 2, 64), (32, 8, 128)])
+@pytest.mark.parametrize("progs", [0, 40, 60])
+def test_gluon_pass2_unbounded_inner_loop_is_exact(monkeypatch, shape, progs):
+    """The interior tiles whose copies run unbounded in a loop of their own (`p2_gluon_inner`) or all
+    through the bounded loop: the same tiles through the same arithmetic, so the same bits. 5000 keys
+    are 157 tiles: the default split, four tiles a program (one of them in the inner loop) and three
+    (none)."""
+    out = stats_under_settings(monkeypatch, [{"p2_gluon_inner": 0, "p2_progs": progs},
+                                             {"p2_gluon_inner": 1, "p2_progs": progs}], *shape, 5000, BF16, seed=31)
+    for name in ("defensive_max", "snapkv", "unpooled_mean"):
+        assert torch.equal(getattr(out[1], name), getattr(out[0], name)), name
+    assert out[1].window_bias == out[0].window_bias

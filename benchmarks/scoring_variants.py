@@ -24,14 +24,11 @@ import torch  # noqa: E402
 from vllm_defensive.triton_kernels import _scoring  # noqa: E402
 
 VARIANTS = {
-    # the defaults against programmatic dependent launch off ({"pdl": 0}), interleaved. The 2026-12-03e
-    # sweeps ran the m16n8k8 band products (branch wip/pass2-k8-band), the fixed-point unpooled share and
-    # two-tile ring steps (commit 571e6c2), the queries from shared memory at the register caps
-    # {"p2_gluon_q_smem": 1, "p2_gluon_maxnreg": 144 | 136 | 128} and {"p2_gluon_maxnreg": 144}, the
-    # defaults alone (sweep_final.json), and the fixup over the pairs in reverse launch order
-    # ({"fix_reversed": 1} against 0; a four-line change, not kept: slower)
-    "qwen05b": [{}, {"pdl": 0}, {"pdl": 2}] * 4,
-    "llama8b": [{}, {"pdl": 0}, {"pdl": 2}] * 3,
+    # the defaults against the Gluon pass 2's interior without its unbounded inner loop, interleaved.
+    # The 2026-12-04b sweeps of the kernel before the stores' per-tile bases and of two changes not kept
+    # ran this script on intermediate code with flags since removed (see that README)
+    "qwen05b": [{}, {"p2_gluon_inner": 0}] * 4,
+    "llama8b": [{}, {"p2_gluon_inner": 0}] * 2,
 }
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RUN = os.path.join(ROOT, "benchmarks", "results", "kernels", "h200_2026-12-04")
+RUN = os.path.join(ROOT, "benchmarks", "results", "kernels", "h200_2026-12-04b")
 
 
 def test_summary_is_rebuilt_from_the_records(tmp_path):

@@ -7,9 +7,9 @@ time) with the per-kernel split, one change of the tuned per-head-dim defaults a
 The 2026-12-02b to h and 2026-12-03 records (results/kernels/h200_2026-12-02b/sweep*.json,
 h200_2026-12-02c/sweep_*.json and transposed_*.json, h200_2026-12-02d/ to h200_2026-12-02h/ and
 h200_2026-12-03/sweep_*.json, h200_2026-12-03b/, h200_2026-12-03c/) came from this script with the
-VARIANTS of that pass (the set below: the Gluon pass 2's program counts, the fixup's tile;
-h200_2026-12-03d/ ran the VARIANTS of commit b656572, whose kernel was reverted; h200_2026-12-03e/ those
-listed below); edit VARIANTS for the next one.
+VARIANTS of that pass (h200_2026-12-03d/ ran those of commit b656572, whose kernel was reverted;
+h200_2026-12-03e/ and h200_2026-12-04/ those of commit 5c67cad; h200_2026-12-04b/sweep_final.json the
+set below, its other sweeps intermediate code: see its README); edit VARIANTS for the next one.
 --check adds each one's largest relative error against the reference."""
 import argparse
 import json

@@ -1245,8 +1245,7 @@ def window_stats_layers(queries, key_caches, block_table, seq_len, pool_kernel=5
             HALF=half, KPOOL=pool_kernel, BD=d, RBITS=rbits, PDT=_TL[probs_dtype], KDT=_TL[kc.dtype], ALIGNED=aligned,
             BS_POW2=bs_pow2, OFF32=off32, STAGES=int(cfg["p2_gluon_stages"]), Q_SMEM=bool(cfg["p2_gluon_q_smem"]),
             ATOMIC_MAX=atomic_max, MOVM=bool(cfg["p2_gluon_movm"]), PDL=pdl, INNER=int(cfg["p2_gluon_inner"]),
-            num_warps=1,
-            **_maxnreg(cfg["p2_gluon_maxnreg"]), **dep,
+            num_warps=1, **_maxnreg(cfg["p2_gluon_maxnreg"]), **dep,
         )
     else:
         fast(_window_pass2)[(nrb2 * nprog, pairs)](
